@@ -1,0 +1,190 @@
+"""Put routed LoRA layers into any model, and route a batch through them."""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import RoutedLoraConfig
+from .layer import RoutedLoraLinear
+from .mta import MTALinear
+from .validation import check_tensor, values_checkable
+
+_CONFIG_ATTR = "_routedlora_config"
+
+
+def routed_layers(model: nn.Module) -> List[Tuple[str, RoutedLoraLinear]]:
+    """``(name, layer)`` of every routed layer in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoraLinear)]
+
+
+def model_config(model: nn.Module) -> Optional[RoutedLoraConfig]:
+    """The config ``inject`` (or a recipe since) left on ``model``; ``None`` if not injected."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def _matches(name: str, spec) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _layer_class(config: RoutedLoraConfig):
+    return MTALinear if config.router == "mta" else RoutedLoraLinear
+
+
+def set_trainable(model: nn.Module) -> None:
+    """Freeze everything but the adapter parameters each routed layer trains in its current stage."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in routed_layers(model):
+        for name, p in layer.named_parameters():
+            if name.split(".")[0] in layer.trainable_names():
+                p.requires_grad_(True)
+
+
+def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
+    """Replace the ``nn.Linear`` modules named by ``config.target_modules`` in place.
+
+    The base model is frozen; only adapter parameters train. Everything is checked
+    and every new layer built before the first module is replaced, so a failed
+    call leaves ``model`` as it was. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, RoutedLoraConfig):
+        raise TypeError(f"config: expected a RoutedLoraConfig, got {type(config).__name__}")
+    if routed_layers(model):
+        raise ValueError("model: already has routed LoRA layers (inject once per model)")
+    targets = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, config.target_modules) or _matches(name, config.exclude_modules):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"target_modules: {name!r} is a {type(module).__name__}, not an nn.Linear")
+        RoutedLoraLinear.check_compatible(module, config, name=name)
+        targets.append((name, module))
+    if not targets:
+        raise ValueError(f"target_modules: no module of the model matches {config.target_modules!r}")
+    cls = _layer_class(config)
+    new = [(name, cls(module, config, layer_index=i)) for i, (name, module) in enumerate(targets)]
+    for name, layer in new:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    setattr(model, _CONFIG_ATTR, config)
+    set_trainable(model)
+    return model
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Put the wrapped base ``nn.Linear`` back in place of every routed layer (adapters dropped).
+
+    Parameters' ``requires_grad`` flags are left as they are.
+    """
+    for name, layer in routed_layers(model):
+        if layer.merged_task is not None:
+            raise ValueError(f"model: {name} has task {layer.merged_task} merged; call routedlora.unmerge first")
+    for name, layer in routed_layers(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if _CONFIG_ATTR in model.__dict__:
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def _require_layers(model: nn.Module) -> List[RoutedLoraLinear]:
+    if isinstance(model, RoutedLoraLinear):
+        return [model]
+    layers = [layer for _, layer in routed_layers(model)]
+    if not layers:
+        raise ValueError("model: has no routed LoRA layers; call routedlora.inject(model, config) first")
+    return layers
+
+
+class RoutingState:
+    """Task ids of the batch in flight, shared by every routed layer of a model."""
+
+    def __init__(self, task_ids: torch.Tensor):
+        self.task_ids = task_ids
+        self.expand = 1  # sequences per task id inside generate() (beams, samples)
+        self.cache = {}  # per-layer values computed at prefill and reused while decoding
+
+
+def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> torch.Tensor:
+    """Task ids as a long tensor on ``device``, checked against ``[0, n_tasks)``."""
+    if isinstance(task_ids, bool):
+        raise TypeError("task_ids: expected ints or an integer tensor, got bool")
+    ids = task_ids if isinstance(task_ids, torch.Tensor) else torch.as_tensor(task_ids)
+    check_tensor("task_ids", ids, integer=True)
+    if validate and ids.numel():
+        # One check per batch, here rather than in every layer; a sync only when the
+        # ids already live on an accelerator (pass validate=False under CUDA graphs).
+        host = ids if values_checkable(ids) else ids.detach().cpu()
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0:
+            raise ValueError(f"task_ids: task ids must be >= 0, got {lo}")
+        if hi >= n_tasks:
+            raise ValueError(f"task_ids: task id {hi} out of range: the model has {n_tasks} tasks")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _expand_factor(model: nn.Module, kwargs: dict) -> int:
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", None) or 1)
+    returns = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", None) or 1)
+    return max(int(beams), int(returns))
+
+
+@contextmanager
+def routing(model: nn.Module, task_ids, *, validate: bool = True) -> Iterator[RoutingState]:
+    """Route every forward (and ``generate``) of ``model`` inside the block by ``task_ids``.
+
+    ``task_ids``: an int, a ``(B,)`` tensor/list (one task per sequence) or
+    ``(B, S)`` (one per token). Inside ``model.generate(...)`` a batch of
+    ``B * num_beams`` (or ``num_return_sequences``) sequences is accepted, each
+    id repeated for its sequence's beams. ``validate`` checks the ids' range once
+    here (one host sync if they are on a GPU).
+    """
+    layers = _require_layers(model)
+    n_tasks = min(layer.n_tasks for layer in layers)
+    ids = as_task_ids(task_ids, n_tasks, layers[0].router_logits.device, validate)
+    merged = {layer.merged_task for layer in layers if layer.merged_task is not None}
+    if merged:
+        host = ids.detach().cpu()
+        if len(merged) > 1 or host.numel() == 0 or bool((host != next(iter(merged))).any()):
+            raise ValueError(f"task_ids: the model has task {sorted(merged)} merged into its weights; "
+                             "route only that task or call routedlora.unmerge(model) first")
+    state = RoutingState(ids)
+    previous = [layer._state for layer in layers]
+    for layer in layers:
+        layer._state = state
+    original = model.__dict__.get("generate")
+    bound = getattr(model, "generate", None)
+    if bound is not None:
+        def generate(*args, **kwargs):
+            state.expand = _expand_factor(model, kwargs)
+            state.cache.clear()
+            try:
+                return bound(*args, **kwargs)
+            finally:
+                state.expand = 1
+                state.cache.clear()
+
+        model.generate = generate
+    try:
+        yield state
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer._state = prev
+        if bound is not None:
+            if original is None:
+                del model.generate
+            else:
+                model.generate = original
