@@ -35,8 +35,10 @@ def token_weights(idx: Tensor, w: Tensor, route_ids: Tensor, n_skills: int, dtyp
 def _row_grad(dWn: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor) -> Tensor:
     """Pull per-token skill-weight gradients back to the sparse ``(idx, w)`` rows."""
     R = idx.shape[0]
-    rows = torch.zeros(R, *dWn.shape[1:], dtype=torch.float32, device=dWn.device)
-    rows.index_add_(0, route_ids.long(), dWn.float())
+    # accumulate over a row's tokens in at least float32, whatever x's dtype
+    acc = torch.promote_types(dWn.dtype, torch.float32)
+    rows = torch.zeros(R, *dWn.shape[1:], dtype=acc, device=dWn.device)
+    rows.index_add_(0, route_ids.long(), dWn.to(acc))
     return rows.gather(2, idx.long()).to(w.dtype)
 
 
