@@ -94,6 +94,15 @@ class RoutedLoraLinear(nn.Module):
 
     # --- routing -----------------------------------------------------------------
 
+    # Model code reads these off the modules it calls (T5 reads `wo.weight.dtype`).
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
     @property
     def n_tasks(self) -> int:
         return self.router_logits.shape[0]

@@ -51,6 +51,7 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
             raise ValueError(f"peft_model: {name} holds adapters {list(poly.poly_lora_A.keys())}; "
                              "convert a model with one Poly adapter")
         layer = RoutedLoraLinear(poly.get_base_layer(), config, layer_index=i)
+        layer.train(poly.training)
         logits = poly.poly_router[adapter].module_logits
         layer.lora_A = nn.Parameter(poly.poly_lora_A[adapter].detach().clone())
         layer.lora_B = nn.Parameter(poly.poly_lora_B[adapter].detach().clone())
@@ -61,6 +62,8 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
+    if "peft_config" in model.__dict__:  # PEFT's own unload() drops it too
+        del model.peft_config
     setattr(model, _CONFIG_ATTR, config)
     set_trainable(model)
     return model
@@ -106,6 +109,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default", task_type=None):
         if layer.merged_task is not None:
             raise ValueError("model: a task is merged into the base weights; call routedlora.unmerge first")
     h, m, r, T = config.n_heads, config.total_skills, config.r, config.n_tasks
+    modes = {name: layer.training for name, layer in layers}
     state = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(),
                     layer.router_logits.detach().clone()) for name, layer in layers}
     pconf = peft.PolyConfig(r=r, n_tasks=T, n_skills=m, n_splits=h, target_modules=list(state),
@@ -116,6 +120,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default", task_type=None):
         for name, poly in peft_model.base_model.model.named_modules():
             if name in state and isinstance(poly, PolyLinear):
                 A, B, logits = state.pop(name)
+                poly.train(modes[name])
                 poly.poly_lora_A[adapter_name].copy_(A)
                 poly.poly_lora_B[adapter_name].copy_(B)
                 poly.poly_router[adapter_name].module_logits.copy_(logits.reshape(T, h * m))
