@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import RoutedLoraConfig
-from .inject import eject, inject, model_config, routed_layers
+from .inject import eject, inject, model_config, routed_layers, set_trainable
 
 _FORMAT = "routedlora/1"
 
@@ -77,4 +77,5 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     for name, layer in routed_layers(model):
         if hasattr(layer, "set_stage"):
             layer.set_stage(int(stages.get(name, 1)))
+    set_trainable(model)
     return model

@@ -72,7 +72,8 @@ def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
     if not targets:
         raise ValueError(f"target_modules: no module of the model matches {config.target_modules!r}")
     cls = _layer_class(config)
-    new = [(name, cls(module, config, layer_index=i)) for i, (name, module) in enumerate(targets)]
+    new = [(name, cls(module, config, layer_index=i).train(module.training))
+           for i, (name, module) in enumerate(targets)]
     for name, layer in new:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -111,9 +112,10 @@ def _require_layers(model: nn.Module) -> List[RoutedLoraLinear]:
 class RoutingState:
     """Task ids of the batch in flight, shared by every routed layer of a model."""
 
-    def __init__(self, task_ids: torch.Tensor):
+    def __init__(self, task_ids: torch.Tensor, decoding: bool = False):
         self.task_ids = task_ids
         self.expand = 1  # sequences per task id inside generate() (beams, samples)
+        self.decoding = decoding  # one-position inputs continue a KV cache (set inside generate())
         self.cache = {}  # per-layer values computed at prefill and reused while decoding
 
 
@@ -137,13 +139,13 @@ def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> torch.
 
 def _expand_factor(model: nn.Module, kwargs: dict) -> int:
     gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(gc, "num_beams", None) or 1)
-    returns = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", None) or 1)
+    beams = kwargs.get("num_beams") or getattr(gc, "num_beams", None) or 1
+    returns = kwargs.get("num_return_sequences") or getattr(gc, "num_return_sequences", None) or 1
     return max(int(beams), int(returns))
 
 
 @contextmanager
-def routing(model: nn.Module, task_ids, *, validate: bool = True) -> Iterator[RoutingState]:
+def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool = False) -> Iterator[RoutingState]:
     """Route every forward (and ``generate``) of ``model`` inside the block by ``task_ids``.
 
     ``task_ids``: an int, a ``(B,)`` tensor/list (one task per sequence) or
@@ -151,6 +153,10 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True) -> Iterator[Ro
     ``B * num_beams`` (or ``num_return_sequences``) sequences is accepted, each
     id repeated for its sequence's beams. ``validate`` checks the ids' range once
     here (one host sync if they are on a GPU).
+
+    Values computed at a sequence's first position (the MTA gate) are cached at
+    prefill and reused by one-position calls inside ``generate()``; set
+    ``decoding=True`` for a hand-written KV-cache decode loop inside the block.
     """
     layers = _require_layers(model)
     n_tasks = min(layer.n_tasks for layer in layers)
@@ -161,7 +167,7 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True) -> Iterator[Ro
         if len(merged) > 1 or host.numel() == 0 or bool((host != next(iter(merged))).any()):
             raise ValueError(f"task_ids: the model has task {sorted(merged)} merged into its weights; "
                              "route only that task or call routedlora.unmerge(model) first")
-    state = RoutingState(ids)
+    state = RoutingState(ids, decoding)
     previous = [layer._state for layer in layers]
     for layer in layers:
         layer._state = state
@@ -169,12 +175,12 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True) -> Iterator[Ro
     bound = getattr(model, "generate", None)
     if bound is not None:
         def generate(*args, **kwargs):
-            state.expand = _expand_factor(model, kwargs)
+            state.expand, state.decoding = _expand_factor(model, kwargs), True
             state.cache.clear()
             try:
                 return bound(*args, **kwargs)
             finally:
-                state.expand = 1
+                state.expand, state.decoding = 1, decoding
                 state.cache.clear()
 
         model.generate = generate

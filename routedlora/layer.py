@@ -12,6 +12,12 @@ from .ops import routed_lora
 from .routers import Routing, cpoly_route, gumbel_uniform, poly_route, softmax_route, topk_route
 from .validation import check_index_range, check_tensor
 
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass: activation checkpointing re-runs forward here."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 _NO_TASKS = ("no task ids: call the model inside `with routedlora.routing(model, task_ids):` "
              "or pass task_ids= to the layer")
 
@@ -47,6 +53,11 @@ class RoutedLoraLinear(nn.Module):
         self.merged_task: Optional[int] = None
         self.disabled = False
         self._state = None  # set by routedlora.routing()
+        # What the last forward under grad routed with and where its noise started, so
+        # that a checkpointed forward re-run during backward (after the routing block
+        # may have closed) sees the same tasks and draws the same noise.
+        self._last_state = None
+        self._noise_state: Optional[Tensor] = None
         self._generator: Optional[torch.Generator] = None
         # Which adapter parameters train (see routedlora.set_trainable); recipes change it.
         self.trainable_params: Tuple[str, ...] = ("lora_A", "lora_B", "router_logits")
@@ -113,6 +124,10 @@ class RoutedLoraLinear(nn.Module):
 
     def _task_ids(self, x: Tensor, task_ids) -> Tensor:
         state = self._state
+        if state is None and task_ids is None and _recomputing():
+            state = self._last_state
+        elif state is not None and torch.is_grad_enabled():
+            self._last_state = state
         if task_ids is None:
             if state is None:
                 raise ValueError(_NO_TASKS)
@@ -161,7 +176,13 @@ class RoutedLoraLinear(nn.Module):
     def _noise(self, B: int, row_example: Tensor, heads: int, skills: int, device) -> Optional[Tensor]:
         if not (self.training and self.config.gumbel):
             return None
-        u = gumbel_uniform((B, heads, skills), generator=self._generator_for(device), device=device)
+        gen = self._generator_for(device)
+        if gen is not None:
+            if _recomputing() and self._noise_state is not None:
+                gen.set_state(self._noise_state)
+            else:
+                self._noise_state = gen.get_state()
+        u = gumbel_uniform((B, heads, skills), generator=gen, device=device)
         return u if row_example.shape[0] == B else u[row_example]
 
     def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None) -> Routing:

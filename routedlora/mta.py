@@ -28,8 +28,9 @@ class MTALinear(RoutedLoraLinear):
 
     Extra parameters: ``shared_A (1, n_shared, in, r)``, ``shared_B (1, n_shared, r, out)``
     and the gate network ``gate``. Task ids must be one per sequence in stage 2.
-    During decoding (inputs of one position inside a :func:`routedlora.routing`
-    context), the gate computed at the first position is reused from the cache.
+    During decoding (one-position inputs inside ``generate()`` under
+    :func:`routedlora.routing`, or inside ``routing(..., decoding=True)``), the gate
+    computed at the first position is reused from the cache.
     """
 
     def __init__(self, base_layer: nn.Linear, config=None, **kwargs):
@@ -94,7 +95,7 @@ class MTALinear(RoutedLoraLinear):
 
     def _gate_weights(self, x: Tensor, x2: Tensor, routing, B: int) -> Tensor:
         state = self._state
-        decoding = x.dim() >= 3 and x.shape[1] == 1
+        decoding = state is not None and state.decoding and x.dim() >= 3 and x.shape[1] == 1
         key = id(self)
         if B == 0:
             return torch.zeros(0, 1 + self.config.n_shared, device=x2.device)

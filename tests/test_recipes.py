@@ -158,7 +158,7 @@ def test_mta_gate_cached_while_decoding():
                                 "0.shared_A", "0.shared_B"]
     model.eval()
     x = torch.randn(2, 4, 8)
-    with routedlora.routing(model, [0, 2]):
+    with routedlora.routing(model, [0, 2], decoding=True):
         full = model(x)
         step = model(x[:, 3:4])  # a decode step reuses the gate of the prefill
     torch.testing.assert_close(step, full[:, 3:4], rtol=1e-5, atol=1e-6)
