@@ -1,0 +1,1 @@
+"""routedlora benchmark harness: python -m benchmarks.run"""

@@ -1,0 +1,190 @@
+"""Model level: a training step and generate() of a Llama-style decoder built from a config.
+
+Routed LoRA goes on every attention and MLP projection. Peers: single-LoRA PEFT,
+PEFT Poly, each routedlora backend available, and (generate only) the bare model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List
+
+import torch
+
+import routedlora
+
+from .peers import DTYPES
+from .timing import measure, peak_memory_mb
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int
+    seq: int
+    new_tokens: int
+    tasks: int
+    skills: int
+    rank: int
+    route_heads: int
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model(case: ModelCase, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+                      num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                      num_key_value_heads=case.kv_heads, max_position_embeddings=case.seq + case.new_tokens + 8)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[case.dtype])
+
+
+def _randomize_adapters(model) -> None:
+    # Init puts B at zero; time on random values instead (zeros can run faster).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+
+
+def _with_routedlora(backend: str) -> Callable:
+    def build(case: ModelCase, device):
+        model = _model(case, device)
+        cfg = routedlora.RoutedLoraConfig(target_modules=TARGETS, n_tasks=case.tasks, n_skills=case.skills,
+                                          r=case.rank, n_heads=case.route_heads, backend=backend)
+        routedlora.inject(model, cfg)
+
+        def call(task_ids, fn):
+            with routedlora.routing(model, task_ids, validate=False):
+                return fn(model)
+        return model, call
+    return build
+
+
+def _with_peft_poly(case: ModelCase, device):
+    from peft import PolyConfig, get_peft_model
+
+    model = get_peft_model(_model(case, device), PolyConfig(r=case.rank, n_tasks=case.tasks, n_skills=case.skills,
+                                                            n_splits=case.route_heads, target_modules=TARGETS,
+                                                            task_type="CAUSAL_LM"))
+
+    def call(task_ids, fn):
+        return fn(_TaskIds(model, task_ids))
+    return model, call
+
+
+def _with_peft_lora(case: ModelCase, device):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(case, device), LoraConfig(r=case.rank, lora_alpha=1, target_modules=TARGETS,
+                                                            task_type="CAUSAL_LM"))
+    return model, lambda task_ids, fn: fn(model)
+
+
+def _bare(case: ModelCase, device):
+    model = _model(case, device)
+    return model, lambda task_ids, fn: fn(model)
+
+
+class _TaskIds:
+    """PEFT Poly takes task_ids as a keyword of forward/generate."""
+
+    def __init__(self, model, task_ids):
+        self.model, self.task_ids = model, task_ids
+
+    def __call__(self, **kw):
+        return self.model(task_ids=self.task_ids, **kw)
+
+    def generate(self, **kw):
+        return self.model.generate(task_ids=self.task_ids, **kw)
+
+
+def model_peers() -> Dict[str, Callable]:
+    peers: Dict[str, Callable] = {"base": _bare}
+    try:
+        import peft  # noqa: F401
+
+        peers["peft_lora"] = _with_peft_lora
+        peers["peft_poly"] = _with_peft_poly
+    except ImportError:
+        pass
+    for backend in routedlora.available_backends():
+        peers[f"routedlora[{backend}]"] = _with_routedlora(backend)
+    return peers
+
+
+def run_case(case: ModelCase, device: torch.device, *, warmup: int, reps: int, max_seconds: float,
+             progress=None) -> List[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
+    prompt = ids[:, : max(1, case.seq // 4)]
+    task_ids = (torch.arange(case.batch) % case.tasks).to(device)
+    for name, build in model_peers().items():
+        model, call = build(case, device)
+        if name != "base":
+            _randomize_adapters(model)
+        for step in ("train", "generate"):
+            row = dict(level="model", peer=name, mode=step, **case.as_dict())
+            try:
+                if step == "train":
+                    if name == "base":
+                        continue  # nothing to train
+                    model.train()
+                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+                    def run():
+                        loss = call(task_ids, lambda m: m(input_ids=ids, labels=ids).loss)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    tokens = case.batch * case.seq
+                else:
+                    model.eval()
+
+                    def run():
+                        with torch.no_grad():
+                            call(task_ids, lambda m: m.generate(input_ids=prompt, max_new_tokens=case.new_tokens,
+                                                                 min_new_tokens=case.new_tokens, do_sample=False,
+                                                                 pad_token_id=0))
+                    tokens = case.batch * case.new_tokens
+                row.update(measure(run, device, warmup=warmup, reps=reps, max_seconds=max_seconds))
+                row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
+                if step == "generate":
+                    row["ms_per_new_token"] = row["median_ms"] / case.new_tokens
+                row["peak_mem_mb"] = peak_memory_mb(run, device)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            if progress is not None:
+                progress.update(1)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _model_ratios(rows)
+    return rows
+
+
+def _model_ratios(rows: List[dict]) -> None:
+    speed = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            speed.setdefault(r["mode"], {})[r["peer"]] = r["tokens_per_s"]
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        if tps is None:
+            continue
+        for peer in ("peft_lora", "peft_poly", "base"):
+            other = speed[r["mode"]].get(peer)
+            r[f"speed_vs_{peer}"] = tps / other if other else None
