@@ -204,7 +204,19 @@ class RoutedLoraLinear(nn.Module):
 
     # --- forward -----------------------------------------------------------------
 
+    def _check_input(self, x) -> None:
+        check_tensor("x", x, floating=True)
+        w = self.base_layer.weight
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x: expected last dim {self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != w.device:
+            raise ValueError(f"x: on {x.device}, but the layer is on {w.device}")
+        # autocast legitimately feeds other dtypes to the base linear
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: dtype {x.dtype} differs from the layer's {w.dtype} (outside autocast)")
+
     def forward(self, x: Tensor, task_ids=None) -> Tensor:
+        self._check_input(x)
         result = self.base_layer(x)
         if self.disabled or self.merged_task is not None:
             return result

@@ -129,6 +129,21 @@ def test_layer_errors():
         layer(x, task_ids=[0, 1, 2])
     with pytest.raises(ValueError, match="routing"):
         layer(x)
+    with pytest.raises(TypeError, match="x"):
+        layer(x.double(), task_ids=[0, 1])
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(2, 3, 11), task_ids=[0, 1])
+    with pytest.raises(ValueError, match="x"):
+        layer(x.to("meta"), task_ids=[0, 1])
+    with pytest.raises(TypeError, match="x"):
+        layer(x.long(), task_ids=[0, 1])
+
+
+def test_autocast_input_accepted():
+    layer = make_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 3, 12).bfloat16(), task_ids=[0, 1])
+    assert out.shape == (2, 3, 8)
 
 
 @pytest.mark.parametrize("field,value", [
