@@ -1,17 +1,25 @@
 """The backend switch: ``"auto" | "torch" | "triton" | "cuda"``.
 
 Every backend computes the same function (DESIGN.md §3). A backend is a module
-object exposing ``forward(x, A, B, idx, w, route_ids, scale, combine)`` and
-``backward(...)`` (see :mod:`routedlora.ops.torch_backend` for the contract).
-Only ``torch`` exists in this release; the others are named so that code
-written against the switch keeps working when they land.
+exposing ``forward(x, A, B, idx, w, route_ids, scale, combine, base)`` and
+``backward(...)`` (the contract is in :mod:`routedlora.ops.torch_backend`).
+
+* ``torch``: the reference, any device.
+* ``triton``: fused kernels (:mod:`routedlora.ops.triton_backend`); needs triton and
+  a CUDA device, or the CPU interpreter (``TRITON_INTERPRET=1``, slow, for tests).
+* ``cuda``: not implemented yet.
+
+``auto`` resolves to ``torch`` in this release: the triton backend has been
+validated on the interpreter only, and ``auto`` will prefer it once it has been
+checked and measured on a GPU.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
-_PLANNED = {"triton": "the fused Triton kernels", "cuda": "the CUDA C++ kernels in csrc/"}
 
 
 def check_backend(backend) -> str:
@@ -21,18 +29,31 @@ def check_backend(backend) -> str:
 
 
 def resolve_backend(backend: str, device=None) -> ModuleType:
-    """Map a backend name to its implementation module; ``auto`` picks the fastest available."""
+    """Map a backend name to its implementation module for tensors on ``device``."""
     check_backend(backend)
-    if backend in _PLANNED:
-        raise NotImplementedError(
-            f"backend={backend!r} ({_PLANNED[backend]}) is not implemented yet; "
-            "use backend='torch' or backend='auto'"
-        )
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda' (the CUDA C++ kernels in csrc/) is not implemented yet; "
+                                  "use backend='torch', 'triton' or 'auto'")
+    if backend == "triton":
+        from .ops import triton_backend
+
+        if not triton_backend.is_available(device):
+            raise RuntimeError("backend='triton' needs the triton package and a CUDA device "
+                               f"(tensors are on {device}); on the CPU set TRITON_INTERPRET=1 to run "
+                               "the kernels in Triton's interpreter")
+        return triton_backend
     from .ops import torch_backend
 
     return torch_backend
 
 
-def available_backends() -> tuple:
-    """Names that :func:`resolve_backend` accepts on this install, ``auto`` excluded."""
-    return ("torch",)
+def available_backends(device=None) -> tuple:
+    """Backend names that :func:`resolve_backend` accepts for ``device`` (default: CUDA if present)."""
+    from .ops import triton_backend
+
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    names = ["torch"]
+    if triton_backend.is_available(device):
+        names.append("triton")
+    return tuple(names)

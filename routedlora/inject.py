@@ -117,6 +117,9 @@ class RoutingState:
         self.expand = 1  # sequences per task id inside generate() (beams, samples)
         self.decoding = decoding  # one-position inputs continue a KV cache (set inside generate())
         self.cache = {}  # per-layer values computed at prefill and reused while decoding
+        # (start, total): this process holds rows [start, start + B) of a global batch of
+        # `total` sequences; Gumbel noise is drawn for all `total` and sliced (data parallel).
+        self.noise_rows: Optional[Tuple[int, int]] = None
 
 
 def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> torch.Tensor:
@@ -145,7 +148,8 @@ def _expand_factor(model: nn.Module, kwargs: dict) -> int:
 
 
 @contextmanager
-def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool = False) -> Iterator[RoutingState]:
+def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool = False,
+            noise_rows: Optional[Tuple[int, int]] = None) -> Iterator[RoutingState]:
     """Route every forward (and ``generate``) of ``model`` inside the block by ``task_ids``.
 
     ``task_ids``: an int, a ``(B,)`` tensor/list (one task per sequence) or
@@ -157,7 +161,19 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
     Values computed at a sequence's first position (the MTA gate) are cached at
     prefill and reused by one-position calls inside ``generate()``; set
     ``decoding=True`` for a hand-written KV-cache decode loop inside the block.
+
+    ``noise_rows=(start, total)`` (data parallel): this process's sequences are rows
+    ``[start, start + B)`` of a global batch of ``total``; training noise is drawn for
+    the global batch and sliced, so every rank matches a single-process run.
     """
+    if noise_rows is not None:
+        ok = (isinstance(noise_rows, (tuple, list)) and len(noise_rows) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in noise_rows)
+              and 0 <= noise_rows[0] <= noise_rows[1] and noise_rows[1] > 0)
+        if not ok:
+            raise ValueError(f"noise_rows: expected (start, total) ints with 0 <= start <= total, total > 0, "
+                             f"got {noise_rows!r}")
+        noise_rows = (int(noise_rows[0]), int(noise_rows[1]))
     layers = _require_layers(model)
     n_tasks = min(layer.n_tasks for layer in layers)
     ids = as_task_ids(task_ids, n_tasks, layers[0].router_logits.device, validate)
@@ -168,6 +184,7 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
             raise ValueError(f"task_ids: the model has task {sorted(merged)} merged into its weights; "
                              "route only that task or call routedlora.unmerge(model) first")
     state = RoutingState(ids, decoding)
+    state.noise_rows = noise_rows
     previous = [layer._state for layer in layers]
     for layer in layers:
         layer._state = state

@@ -182,8 +182,38 @@ class RoutedLoraLinear(nn.Module):
                 gen.set_state(self._noise_state)
             else:
                 self._noise_state = gen.get_state()
-        u = gumbel_uniform((B, heads, skills), generator=gen, device=device)
+        rows = self._noise_rows()
+        if rows is None:
+            u = gumbel_uniform((B, heads, skills), generator=gen, device=device)
+        else:
+            # Data parallel: draw the noise of the whole global batch (same generator
+            # state on every rank) and keep this rank's rows, so that each example
+            # gets the noise it would get in a single-process run.
+            start, total = rows
+            if start + B > total:
+                raise ValueError(f"noise_rows: rows [{start}, {start + B}) of this batch exceed the global "
+                                 f"batch of {total}")
+            u = gumbel_uniform((total, heads, skills), generator=gen, device=device)[start:start + B]
         return u if row_example.shape[0] == B else u[row_example]
+
+    def _noise_rows(self) -> Optional[Tuple[int, int]]:
+        state = self._state if self._state is not None else (self._last_state if _recomputing() else None)
+        return getattr(state, "noise_rows", None)
+
+    def noise_generator_state(self) -> Optional[Tensor]:
+        """State of this layer's own Gumbel-noise generator (``config.seed`` set); ``None`` otherwise.
+
+        With ``seed=None`` the noise comes from torch's global generator: save that instead.
+        """
+        gen = self._generator_for(self.router_logits.device)
+        return None if gen is None else gen.get_state()
+
+    def set_noise_generator_state(self, state: Tensor) -> None:
+        """Restore a state from :meth:`noise_generator_state` (exact resume of seeded noise)."""
+        gen = self._generator_for(self.router_logits.device)
+        if gen is None:
+            raise ValueError("state: this layer has no own noise generator (config.seed is None)")
+        gen.set_state(state)
 
     def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None) -> Routing:
         """Sparse routing rows for the given task of each row (float32 weights)."""
@@ -222,16 +252,20 @@ class RoutedLoraLinear(nn.Module):
             return result
         ids = self._task_ids(x, task_ids)
         rows_task, row_example, route_ids, B = self._rows(x, ids)
-        delta = self._delta(x, rows_task, row_example, route_ids, B)
-        return result + delta.view(result.shape).to(result.dtype)
+        # The op adds into the base output in one pass when the dtypes agree.
+        fused = result.dtype == self.lora_A.dtype
+        base = result.reshape(-1, self.out_features) if fused else None
+        out = self._apply(x, rows_task, row_example, route_ids, B, base)
+        return out.view(result.shape) if fused else result + out.view(result.shape).to(result.dtype)
 
     def _lora_input(self, x: Tensor) -> Tensor:
         return self.dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)
 
-    def _delta(self, x, rows_task, row_example, route_ids, B) -> Tensor:
+    def _apply(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
+        """``base + γΔ`` (or ``γΔ`` when ``base`` is None) for the flattened tokens."""
         routing = self.route(rows_task, row_example, B)
         return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, routing.idx, routing.w, route_ids,
-                           scale=self.scale, combine=self.config.combine, backend=self.config.backend)
+                           scale=self.scale, combine=self.config.combine, base=base, backend=self.config.backend)
 
     # --- merging -----------------------------------------------------------------
 

@@ -72,13 +72,13 @@ class MTALinear(RoutedLoraLinear):
         last.bias.zero_()
         last.bias[0] = math.log(_INITIAL_TASK_SHARE * cfg.n_shared / (1 - _INITIAL_TASK_SHARE))
 
-    def _delta(self, x, rows_task, row_example, route_ids, B) -> Tensor:
+    def _apply(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
         routing = self.route(rows_task, row_example, B)
         x2 = self._lora_input(x)
         cfg = self.config
         if self.mta_stage == 1:
             return routed_lora(x2, self.lora_A, self.lora_B, routing.idx, routing.w, route_ids,
-                               scale=self.scale, combine="outputs", backend=cfg.backend)
+                               scale=self.scale, combine="outputs", base=base, backend=cfg.backend)
         if rows_task.shape[0] != B:
             raise ValueError("task_ids: MTA stage 2 gates per sequence; pass one task id per sequence")
         alpha = self._gate_weights(x, x2, routing, B)
@@ -90,7 +90,7 @@ class MTALinear(RoutedLoraLinear):
         # that task and shared skills run as one call with per-row weights.
         A = torch.cat([self.lora_A, self.shared_A], dim=1)
         Bm = torch.cat([self.lora_B, self.shared_B], dim=1)
-        return routed_lora(x2, A, Bm, idx, w, route_ids, scale=self.scale, combine="outputs",
+        return routed_lora(x2, A, Bm, idx, w, route_ids, scale=self.scale, combine="outputs", base=base,
                            backend=cfg.backend)
 
     def _gate_weights(self, x: Tensor, x2: Tensor, routing, B: int) -> Tensor:

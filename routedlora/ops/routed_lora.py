@@ -26,11 +26,11 @@ class RoutedLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, idx, w, route_ids, scale, combine, impl):
-        delta, saved = impl.forward(x, lora_A, lora_B, idx, w, route_ids, scale, combine)
+    def forward(ctx, x, lora_A, lora_B, idx, w, route_ids, base, scale, combine, impl):
+        out, saved = impl.forward(x, lora_A, lora_B, idx, w, route_ids, scale, combine, base)
         ctx.save_for_backward(x, lora_A, lora_B, idx, w, route_ids, saved)
         ctx.scale, ctx.combine, ctx.impl = scale, combine, impl
-        return delta
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -39,7 +39,8 @@ class RoutedLoraFunction(torch.autograd.Function):
                  ctx.needs_input_grad[4])
         dx, dA, dB, dw = ctx.impl.backward(grad.contiguous(), x, A, B, idx, w, route_ids, ctx.scale,
                                            ctx.combine, saved, needs)
-        return dx, dA, dB, None, dw, None, None, None, None
+        dbase = grad if ctx.needs_input_grad[6] else None
+        return dx, dA, dB, None, dw, None, dbase, None, None, None
 
 
 def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base=None) -> None:
@@ -74,6 +75,8 @@ def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base
         check_tensor("base", base, ndim=2, floating=True)
         if base.shape != (x.shape[0], h * lora_B.shape[3]):
             raise ValueError(f"base: expected shape {(x.shape[0], h * lora_B.shape[3])}, got {tuple(base.shape)}")
+        if base.dtype != x.dtype:
+            raise TypeError(f"base: dtype {base.dtype} differs from x's {x.dtype}")
         named.append(("base", base))
     check_same_device(named)
     check_index_range("idx", idx, m, "skill index")
@@ -110,5 +113,4 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Tensor, w: Tenso
     if validate:
         check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base)
     impl = resolve_backend(backend, x.device)
-    delta = RoutedLoraFunction.apply(x, lora_A, lora_B, idx, w, route_ids, float(scale), combine, impl)
-    return delta if base is None else base + delta
+    return RoutedLoraFunction.apply(x, lora_A, lora_B, idx, w, route_ids, base, float(scale), combine, impl)

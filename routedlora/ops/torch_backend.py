@@ -3,7 +3,7 @@
 Contract shared by every backend (shapes as in DESIGN.md §1, ``dh = d/h``, ``oh = o/h``)::
 
     forward(x (N,d), A (h,m,dh,r), B (h,m,r,oh), idx (R,h,K), w (R,h,K), route_ids (N,),
-            scale, combine) -> (delta (N,o), ctx)
+            scale, combine, base (N,o) or None) -> (base + delta or delta, ctx)
     backward(grad (N,o), x, A, B, idx, w, route_ids, scale, combine, ctx, needs)
             -> (dx, dA, dB, dw)         # None where ``needs`` says not needed
 
@@ -52,7 +52,7 @@ def _flat_B(B: Tensor) -> Tensor:  # (h, m, r, oh) -> (h, m*r, oh)
     return B.reshape(h, m * r, oh)
 
 
-def forward(x, A, B, idx, w, route_ids, scale, combine):
+def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
     N, d = x.shape
     h, m, dh, r = A.shape
     oh = B.shape[-1]
@@ -67,8 +67,8 @@ def forward(x, A, B, idx, w, route_ids, scale, combine):
     else:
         V = Wn.unsqueeze(-1) * Z * scale
         ctx = None
-    delta = torch.bmm(V.reshape(h, N, m * r), _flat_B(B))  # (h, N, oh)
-    return delta.transpose(0, 1).reshape(N, h * oh), ctx
+    delta = torch.bmm(V.reshape(h, N, m * r), _flat_B(B)).transpose(0, 1).reshape(N, h * oh)
+    return (delta if base is None else base + delta), ctx
 
 
 def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):

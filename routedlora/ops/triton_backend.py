@@ -1,0 +1,242 @@
+"""The ``triton`` backend: launchers for :mod:`routedlora.triton_kernels.routed_lora`.
+
+Same contract as :mod:`routedlora.ops.torch_backend`. Forward and backward are each
+registered as one ``torch.library`` custom op (``routedlora::triton_forward`` and
+``routedlora::triton_backward``) with fake implementations, so ``torch.compile`` and
+CUDA graphs see single opaque ops.
+
+Routing metadata is built on the device with no host sync: a stable sort of
+``route_ids`` (tokens grouped by routing row), and per-row offsets for the
+deterministic per-row reduction of routing gradients. Every weight gradient is a
+per-(head, skill, block) reduction owned by one program: no atomics.
+
+Memory: forward keeps a float32 rank-space activation, ``N*r`` (``params``) or
+``N*K*r`` (``outputs``) numbers; backward adds two such buffers and ``N*h*K``
+routing-gradient partials. Nothing ``d x r`` is ever stored per token or row.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_kernels = None
+
+
+def is_available(device: Optional[torch.device] = None) -> bool:
+    """Triton importable, and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device is not None and torch.device(device).type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _k():
+    global _kernels
+    if _kernels is None:
+        from routedlora.triton_kernels import routed_lora as kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _blocks(N: int, width: int, r: int, interpret: bool) -> dict:
+    """Tile sizes by shape class (decode-sized N vs training-sized N); see autotuning notes."""
+    if interpret:  # the interpreter is slow per element: smallest legal tiles
+        return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, BLOCK_R=_pow2(r))
+    small = N <= 64
+    return dict(BLOCK_N=16 if small else 64, BLOCK_D=64, BLOCK_O=64 if small else 128, BLOCK_W=64,
+                BLOCK_R=_pow2(r))
+
+
+def _prec(dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _routing_meta(route_ids: Tensor, R: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Tokens sorted by routing row (stable), their rows, and per-row offsets — all on device."""
+    rids = route_ids.long()
+    order = torch.argsort(rids, stable=True)
+    srows = rids[order]
+    offs = torch.searchsorted(srows, torch.arange(R + 1, device=rids.device))
+    return order, srows, offs
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
+    """MODE 0 -> out (N, r); 1 -> out (N, K, r); 2 -> out (N, h, K). ``M`` viewed as (h, m, dh, r)."""
+    N = X.shape[0]
+    h, m, dh, r = M.shape
+    if N == 0:
+        return out
+    b = _blocks(N, dh, r, _interpret())
+    so = out.stride()
+    if mode == 0:
+        so = (so[0], 0, so[1])
+    v_ = v if v is not None else out
+    sv = (v.stride(0), v.stride(1)) if v is not None else (0, 0)
+    grid = (triton_cdiv(N, b["BLOCK_N"]),)
+    _k()._shrink_kernel[grid](
+        X, M, idx, w, order, srows, out, v_, N, dh, r, K,
+        X.stride(0), X.stride(1), *M.stride(), *idx.stride(), *so, *sv,
+        H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"])
+    return out
+
+
+def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
+    """``y = base + scale * expand(U)``; ``M`` viewed as (h, m, r, oh)."""
+    N = U.shape[0]
+    h, m, r, oh = M.shape
+    if N == 0:
+        return y
+    b = _blocks(N, oh, r, _interpret())
+    su = (U.stride(0), 0, U.stride(1)) if mix else U.stride()
+    sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
+    grid = (triton_cdiv(N, b["BLOCK_N"]), h, triton_cdiv(oh, b["BLOCK_O"]))
+    _k()._expand_kernel[grid](
+        U, M, idx, w, order, srows, base if base is not None else y, y, N, oh, r, K, float(scale),
+        *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
+        MIX=mix, HAS_BASE=base is not None, PREC=_prec(M.dtype),
+        BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"])
+    return y
+
+
+def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transposed):
+    """out[q, s] = scale * Σ_n wide_q[n]ᵀ ⊗ coef·V[n]; ``transposed``: out is (h, m, r, width)."""
+    N = wide.shape[0]
+    h, m = out.shape[:2]
+    r = V.shape[-1]
+    K = idx.shape[-1]
+    if N == 0:
+        return out.zero_()
+    b = _blocks(N, width, r, _interpret())
+    so_q, so_s = out.stride(0), out.stride(1)
+    so_w, so_r = (out.stride(3), out.stride(2)) if transposed else (out.stride(2), out.stride(3))
+    sv = (V.stride(0), 0, V.stride(1)) if shared_v else V.stride()
+    grid = (h * m, triton_cdiv(width, b["BLOCK_W"]))
+    _k()._weight_grad_kernel[grid](
+        wide, V, idx, w, route_ids, out, N, width, r, K, m, float(scale),
+        wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_q, so_s, so_w, so_r,
+        SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"],
+        BLOCK_R=b["BLOCK_R"])
+    return out
+
+
+def _segment_sum(P, order, offs, R):
+    """Per-row sums of per-token rows of ``P (N, C)`` -> ``(R, C)`` float32, deterministic."""
+    C = P.shape[1]
+    out = torch.zeros(R, C, dtype=torch.float32, device=P.device)
+    if R == 0 or P.shape[0] == 0:
+        return out
+    _k()._segment_sum_kernel[(R,)](P, order, offs, out, C, P.stride(0), out.stride(0),
+                                   BLOCK_T=16 if _interpret() else 64, BLOCK_C=_pow2(C, 2))
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# --- the two ops ------------------------------------------------------------------
+
+
+@torch.library.custom_op("routedlora::triton_forward", mutates_args=())
+def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+    N = x.shape[0]
+    h, m, dh, r = A.shape
+    o = h * B.shape[-1]
+    R, _, K = idx.shape
+    order, srows, _ = _routing_meta(route_ids, R)
+    idx_c, w_c = idx.contiguous(), w.contiguous()
+    y = torch.empty(N, o, dtype=x.dtype, device=x.device)
+    if combine == "params":
+        saved = _shrink(x, A, idx_c, w_c, order, srows, 0, K, torch.empty(N, r, dtype=torch.float32, device=x.device))
+        _expand(saved, B, idx_c, w_c, order, srows, K, scale, True, y, base)
+    else:
+        saved = _shrink(x, A, idx_c, w_c, order, srows, 1, K,
+                        torch.empty(N, K, r, dtype=torch.float32, device=x.device))
+        _expand(saved, B, idx_c, w_c, order, srows, K, scale, False, y, base)
+    if N == 0 and base is not None:
+        y = base.clone()
+    return y, saved
+
+
+@_forward_op.register_fake
+def _(x, A, B, idx, w, route_ids, base, scale, combine):
+    N, r, K = x.shape[0], A.shape[3], idx.shape[2]
+    y = x.new_empty(N, A.shape[0] * B.shape[-1])
+    saved = x.new_empty((N, r) if combine == "params" else (N, K, r), dtype=torch.float32)
+    return y, saved
+
+
+@torch.library.custom_op("routedlora::triton_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
+    N, d = x.shape
+    h, m, dh, r = A.shape
+    oh = B.shape[-1]
+    R, _, K = idx.shape
+    dev = x.device
+    order, srows, offs = _routing_meta(route_ids, R)
+    idx_c, w_c = idx.contiguous(), w.contiguous()
+    Bt = B.transpose(2, 3)  # (h, m, oh, r): pulls gradients into rank space
+    At = A.transpose(2, 3)  # (h, m, r, dh): rank space back to x
+    dx = torch.empty(N, d, dtype=x.dtype, device=dev)
+    dA = torch.empty_like(A)
+    dB = torch.empty_like(B)
+    if combine == "params":
+        u = saved
+        du = _shrink(grad, Bt, idx_c, w_c, order, srows, 0, K, torch.empty(N, r, dtype=torch.float32, device=dev))
+        du.mul_(scale)
+        us = u * scale
+        _expand(du, At, idx_c, w_c, order, srows, K, 1.0, True, dx)
+        _weight_grad(x, du, idx_c, w_c, route_ids, dA, dh, 1.0, True, False)
+        _weight_grad(grad, us, idx_c, w_c, route_ids, dB, oh, 1.0, True, True)
+        p_a = _shrink(x, A, idx_c, w_c, order, srows, 2, K, torch.empty(N, h, K, dtype=torch.float32, device=dev),
+                      v=du)
+        p_b = _shrink(grad, Bt, idx_c, w_c, order, srows, 2, K,
+                      torch.empty(N, h, K, dtype=torch.float32, device=dev), v=us)
+        per_token = (p_a + p_b).view(N, h * K)
+    else:
+        z = saved
+        G = _shrink(grad, Bt, idx_c, w_c, order, srows, 1, K, torch.empty(N, K, r, dtype=torch.float32, device=dev))
+        G.mul_(scale)
+        _expand(G, At, idx_c, w_c, order, srows, K, 1.0, False, dx)
+        _weight_grad(x, G, idx_c, w_c, route_ids, dA, dh, 1.0, False, False)
+        _weight_grad(grad, z, idx_c, w_c, route_ids, dB, oh, scale, False, True)
+        per_token = (G * z).sum(-1)  # (N, K): <g B_jᵀ, x A_j> * scale
+    dw = _segment_sum(per_token, order, offs, R).view(R, h, K).to(w.dtype)
+    if N == 0:
+        dA.zero_()
+        dB.zero_()
+    return [dx, dA, dB, dw]
+
+
+@_backward_op.register_fake
+def _(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
+    return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
+
+
+def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
+    return _forward_op(x.contiguous(), A, B, idx, w, route_ids, base, float(scale), combine)
+
+
+def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
+    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, idx, w, route_ids, ctx, float(scale), combine)
+    need_x, need_A, need_B, need_w = needs
+    return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
