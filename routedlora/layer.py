@@ -255,13 +255,13 @@ class RoutedLoraLinear(nn.Module):
         # The op adds into the base output in one pass when the dtypes agree.
         fused = result.dtype == self.lora_A.dtype
         base = result.reshape(-1, self.out_features) if fused else None
-        out = self._apply(x, rows_task, row_example, route_ids, B, base)
+        out = self._routed(x, rows_task, row_example, route_ids, B, base)
         return out.view(result.shape) if fused else result + out.view(result.shape).to(result.dtype)
 
     def _lora_input(self, x: Tensor) -> Tensor:
         return self.dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)
 
-    def _apply(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
+    def _routed(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
         """``base + γΔ`` (or ``γΔ`` when ``base`` is None) for the flattened tokens."""
         routing = self.route(rows_task, row_example, B)
         return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, routing.idx, routing.w, route_ids,
