@@ -72,7 +72,7 @@ class MTALinear(RoutedLoraLinear):
         last.bias.zero_()
         last.bias[0] = math.log(_INITIAL_TASK_SHARE * cfg.n_shared / (1 - _INITIAL_TASK_SHARE))
 
-    def _apply(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
+    def _routed(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
         routing = self.route(rows_task, row_example, B)
         x2 = self._lora_input(x)
         cfg = self.config
