@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", default="none", choices=PARALLEL, help="under torchrun: ddp or fsdp")
     g.add_argument("--dist-backend", default=None, help="gloo | nccl (default: nccl with CUDA, else gloo)")
     g.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny models: 1 is fastest)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", default=None, help="write the final per-task evaluation here")
     return p
@@ -97,6 +98,8 @@ def _ints(text: str, n: int, name: str) -> List[int]:
 
 def build(args, log=print):
     """Model, data and trainer from parsed arguments (also used by the example)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world = init_distributed(args.dist_backend)
     if args.device:
         device = torch.device(args.device)
