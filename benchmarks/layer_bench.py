@@ -43,7 +43,7 @@ def run_case(case: LayerCase, device: torch.device, *, seq_len: int, warmup: int
              max_seconds: float, axis: str = "base", peers_wanted=None, progress=None) -> List[dict]:
     """Every peer on one case; ``axis`` names the swept field this case varies (for the plots)."""
     inp = LayerInputs(case, device, seq_len)
-    peers = layer_peers(device)
+    peers = layer_peers(device, case)
     if peers_wanted:
         peers = {k: v for k, v in peers.items() if k in peers_wanted or k == "base"}
     built, errors = {}, {}
@@ -72,9 +72,12 @@ def run_case(case: LayerCase, device: torch.device, *, seq_len: int, warmup: int
             _set_mode(peer, mode != "fwd")
             row = dict(level="layer", peer=name, mode=mode, axis=axis, **case.as_dict(), seqs=inp.seqs,
                        positions=inp.pos, rel_err_vs_reference=rel_err)
+            # interpreted kernels: one run shows the path works; more would only cost minutes
+            interp = "interpreter" in name
             try:
                 run = _runner(peer, inp, mode)
-                row.update(measure(run, device, warmup=warmup, reps=reps, max_seconds=max_seconds))
+                row.update(measure(run, device, warmup=0 if interp else warmup, reps=1 if interp else reps,
+                                   max_seconds=max_seconds))
                 row["peak_mem_mb"] = peak_memory_mb(run, device)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"

@@ -12,7 +12,7 @@ import torch
 
 import routedlora
 
-from .peers import DTYPES
+from .peers import DTYPES, routedlora_backends
 from .timing import measure, peak_memory_mb
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -110,7 +110,7 @@ class _TaskIds:
         return self.model.generate(task_ids=self.task_ids, **kw)
 
 
-def model_peers() -> Dict[str, Callable]:
+def model_peers(device: torch.device) -> Dict[str, Callable]:
     peers: Dict[str, Callable] = {"base": _bare}
     try:
         import peft  # noqa: F401
@@ -119,8 +119,8 @@ def model_peers() -> Dict[str, Callable]:
         peers["peft_poly"] = _with_peft_poly
     except ImportError:
         pass
-    for backend in routedlora.available_backends():
-        peers[f"routedlora[{backend}]"] = _with_routedlora(backend)
+    for name, backend in routedlora_backends(device).items():  # no interpreter at model size
+        peers[name] = _with_routedlora(backend)
     return peers
 
 
@@ -131,7 +131,7 @@ def run_case(case: ModelCase, device: torch.device, *, warmup: int, reps: int, m
     ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
     prompt = ids[:, : max(1, case.seq // 4)]
     task_ids = (torch.arange(case.batch) % case.tasks).to(device)
-    for name, build in model_peers().items():
+    for name, build in model_peers(device).items():
         model, call = build(case, device)
         if name != "base":
             _randomize_adapters(model)

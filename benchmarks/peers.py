@@ -186,8 +186,27 @@ def _module_peer(cls):
     return build
 
 
-def layer_peers(device: torch.device) -> Dict[str, Callable[[LayerInputs], Callable]]:
-    """Peers available here, floor first; routedlora's backends last."""
+# Triton's interpreter (the CPU path of the triton backend) runs element by element:
+# the harness runs it on the small cases only, to show the path works, not to time it.
+INTERPRETER_MAX_TOKENS = 64
+INTERPRETER_MAX_WIDTH = 512
+
+
+def routedlora_backends(device: torch.device, case=None) -> Dict[str, str]:
+    """``{peer name: backend}`` of the routedlora backends to run on ``device`` for ``case``."""
+    out = {}
+    for backend in routedlora.available_backends(device):
+        if backend == "triton" and device.type != "cuda":
+            if case is None or case.tokens > INTERPRETER_MAX_TOKENS or max(case.d, case.o) > INTERPRETER_MAX_WIDTH:
+                continue
+            out["routedlora[triton-interpreter]"] = backend
+        else:
+            out[f"routedlora[{backend}]"] = backend
+    return out
+
+
+def layer_peers(device: torch.device, case=None) -> Dict[str, Callable[[LayerInputs], Callable]]:
+    """Peers available here for ``case``, floor first; routedlora's backends last."""
     peers: Dict[str, Callable] = {"base": base_peer}
     try:
         import peft  # noqa: F401
@@ -200,10 +219,11 @@ def layer_peers(device: torch.device) -> Dict[str, Callable[[LayerInputs], Calla
     peers["dense_einsum"] = _module_peer(DenseEinsum)
     if hasattr(torch, "_grouped_mm"):
         peers["grouped_mm"] = _module_peer(GroupedMM)
-    for backend in routedlora.available_backends():
-        peers[f"routedlora[{backend}]"] = routedlora_peer(backend)
+    for name, backend in routedlora_backends(device, case).items():
+        peers[name] = routedlora_peer(backend)
     return peers
 
 
-SAME_FUNCTION: List[str] = ["peft_poly", "per_task_loop", "dense_einsum", "grouped_mm"]
+SAME_FUNCTION: List[str] = ["peft_poly", "per_task_loop", "dense_einsum", "grouped_mm", "routedlora[triton]",
+                             "routedlora[triton-interpreter]", "routedlora[cuda]"]
 REFERENCE = "routedlora[torch]"

@@ -13,6 +13,7 @@ and PNG plots.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 import platform
 import re
@@ -23,9 +24,14 @@ from pathlib import Path
 
 import torch
 
-from . import layer_bench, model_bench
-from .peers import LayerCase
-from .report import write_all
+if not torch.cuda.is_available():
+    # The triton backend's CPU path is Triton's interpreter, chosen when triton is
+    # first imported: set it before peft/transformers (which may import triton) load.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import layer_bench, model_bench  # noqa: E402
+from .peers import LayerCase  # noqa: E402
+from .report import write_all  # noqa: E402
 
 GPU_LAYER_BASE = LayerCase(tokens=16384, tasks=64, heads=4, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16")
 GPU_LAYER_AXES = {"tokens": [1, 8, 64, 512, 4096, 65536], "tasks": [1, 8, 256, 1024], "heads": [1, 16],
@@ -46,7 +52,8 @@ CPU_MODELS = [
 ]
 
 CPU_NOTE = ("CPU TIMINGS: measured on the CPU with the backends that exist here; they say nothing about GPU "
-            "speed and no speed claim rests on them.")
+            "speed and no speed claim rests on them. routedlora[triton-interpreter] rows run the Triton kernels in "
+            "Triton's interpreter on the small cases only: they show the path works; their times mean nothing.")
 
 
 def _version(mod: str):
@@ -110,7 +117,6 @@ def main(argv=None) -> int:
     print(f"routedlora benchmark on {env['device_name']} (profile {profile}{', quick' if args.quick else ''})")
     if not gpu:
         print(CPU_NOTE)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     base = GPU_LAYER_BASE if gpu else CPU_LAYER_BASE
     cases = _layer_cases(base, GPU_LAYER_AXES if gpu else CPU_LAYER_AXES, args.quick) if args.only != "model" else []
     models = (GPU_MODELS if gpu else CPU_MODELS)[: 1 if args.quick else None] if args.only != "layer" else []
@@ -118,8 +124,8 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    n_layer_peers = len(layer_bench.layer_peers(device))
-    total = len(cases) * n_layer_peers * len(layer_bench.MODES) + len(models) * len(model_bench.model_peers()) * 2
+    total = (sum(len(layer_bench.layer_peers(device, c)) for _, c in cases) * len(layer_bench.MODES)
+             + len(models) * len(model_bench.model_peers(device)) * 2)
     rows = []
     t0 = time.time()
     with tqdm(total=total, unit="run", dynamic_ncols=True) as bar:

@@ -14,6 +14,9 @@ from routedlora.backends import available_backends
 from routedlora.ops import routed_lora
 
 BACKENDS = available_backends()
+# float64 is the reference's own check (gradcheck); the fused kernels take 16/32-bit
+# floats and are compared with the reference in test_triton.py.
+F64_BACKENDS = ["torch"]
 
 # (N, d, o, r): odd widths, r = 1, one token, an empty batch
 SIZES = [(5, 6, 10, 1), (1, 6, 6, 3), (0, 6, 6, 2), (9, 12, 8, 2)]
@@ -52,7 +55,7 @@ def inputs(N, d, o, r, h, m=4, R=3, dtype=torch.float64, seed=0):
     return x, A, B, logits, route_ids, g
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", F64_BACKENDS)
 @pytest.mark.parametrize("N,d,o,r,h,combine,kind", list(cases()))
 def test_forward_and_gradients_float64(backend, N, d, o, r, h, combine, kind):
     x, A, B, logits, route_ids, g = inputs(N, d, o, r, h)
@@ -86,6 +89,8 @@ def test_forward_and_gradients_float64(backend, N, d, o, r, h, combine, kind):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("combine,h", [("params", 1), ("params", 4), ("outputs", 1)])
 def test_low_precision_forward(backend, dtype, tol, combine, h):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter multiplies bfloat16 dot operands as raw bits (triton#11584)")
     x, A, B, logits, route_ids, _ = inputs(33, 16, 24, 4, h, m=8, R=5, dtype=torch.float32, seed=1)
     rt = routers.topk_route(logits, k=3) if combine == "outputs" else routers.poly_route(logits)
     ref = naive_delta(x.double(), A.double(), B.double(), rt.idx, rt.w.double(), route_ids, 0.25, combine)
@@ -114,7 +119,7 @@ def test_low_precision_gradients_float32(backend):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", F64_BACKENDS)
 def test_one_routing_row_per_token_and_duplicates(backend):
     # token-level routing (every token its own row) and repeated skills inside a row
     x, A, B, _, _, g = inputs(7, 6, 6, 2, 1)
@@ -128,7 +133,7 @@ def test_one_routing_row_per_token_and_duplicates(backend):
             lambda w: routed_lora(x, A, B, idx, w, route_ids, combine=combine, backend=backend), (w,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", F64_BACKENDS)
 def test_one_hot_routing_is_plain_multi_lora(backend):
     # K = 1, weight 1: token n gets exactly skill idx[n]'s LoRA, as punica/vLLM serve it
     x, A, B, _, _, g = inputs(6, 8, 8, 2, 1)

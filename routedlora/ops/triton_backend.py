@@ -232,7 +232,12 @@ def _(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
     return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: backend='triton' takes float16, bfloat16 or float32, got {x.dtype}")
     return _forward_op(x.contiguous(), A, B, idx, w, route_ids, base, float(scale), combine)
 
 

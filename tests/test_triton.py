@@ -1,0 +1,189 @@
+"""The triton backend against the torch reference (interpreter on the CPU, real kernels on a GPU).
+
+Tolerances, relative to the largest magnitude of the reference: float32 2e-5 (tf32
+disabled), float16 / bfloat16 2e-2 (operands rounded to 16 bits, float32 accumulation).
+bfloat16 runs only on a GPU: the interpreter multiplies bfloat16 dot operands as raw bits.
+"""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import routedlora
+from routedlora import routers
+from routedlora.ops import routed_lora
+from routedlora.ops import triton_backend
+
+pytestmark = pytest.mark.skipif(not triton_backend.is_available(torch.device("cuda" if torch.cuda.is_available()
+                                                                             else "cpu")),
+                                reason="triton not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def route(kind, logits):
+    if kind == "poly":
+        return routers.poly_route(logits)
+    if kind == "softmax":
+        return routers.softmax_route(logits, temperature=0.5)
+    if kind == "topk":
+        return routers.topk_route(logits, k=2)
+    if kind == "onehot":
+        return routers.topk_route(logits, k=1, renormalize=False)
+    return routers.cpoly_route(logits, n_common=2)
+
+
+def compare(N, d, o, r, h, m, R, combine, kind, dtype, route_ids=None, seed=0, with_base=True):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(DEVICE, dtype)
+    x = mk(N, d)
+    A = mk(h, m, d // h, r, sc=d ** -0.5)
+    B = mk(h, m, r, o // h, sc=r ** -0.5)
+    logits = torch.randn(R, h, m, generator=g).to(DEVICE)
+    base = mk(N, o) if with_base else None
+    if route_ids is None:
+        route_ids = torch.randint(0, R, (N,), generator=g)
+    route_ids = route_ids.to(DEVICE)
+    cot = mk(N, o)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, logits)]
+        rt = route(kind, leaves[3])
+        y = routed_lora(leaves[0], leaves[1], leaves[2], rt.idx, rt.w, route_ids, scale=0.5, combine=combine,
+                        base=base, backend=backend)
+        grads = torch.autograd.grad((y.float() * cot.float()).sum(), leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+        results[backend] = [y] + list(grads)
+    names = ["y", "dx", "dA", "dB", "dlogits"]
+    for name, ref, got in zip(names, results["torch"], results["triton"]):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        if ref.numel() == 0:
+            continue
+        scale = ref.float().abs().max().clamp_min(1e-6)
+        err = (got.float() - ref.float()).abs().max() / scale
+        assert err <= TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+def cases():
+    for (h, combine), kind in itertools.product([(1, "params"), (2, "params"), (4, "params"), (1, "outputs")],
+                                                ["poly", "softmax", "topk", "onehot", "cpoly"]):
+        yield h, combine, kind
+
+
+@pytest.mark.parametrize("h,combine,kind", list(cases()))
+def test_routers_combines_heads_float32(h, combine, kind):
+    compare(N=37, d=20, o=12, r=3, h=h, m=5, R=4, combine=combine, kind=kind, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
+def test_dtypes(dtype, combine, h):
+    compare(N=40, d=24, o=18, r=4, h=h, m=4, R=5, combine=combine, kind="topk" if combine == "outputs" else "poly",
+            dtype=dtype)
+
+
+@pytest.mark.parametrize("N,d,o,r", [(1, 6, 10, 1), (5, 6, 6, 1), (33, 18, 34, 5), (17, 100, 3, 2)])
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_odd_sizes(N, d, o, r, combine):
+    # d, o not multiples of any block; r = 1; one token
+    compare(N=N, d=d, o=o, r=r, h=1, m=3, R=3, combine=combine, kind="poly", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_empty_batch(combine):
+    compare(N=0, d=8, o=8, r=2, h=1, m=3, R=2, combine=combine, kind="poly", dtype=torch.float32)
+    compare(N=0, d=8, o=8, r=2, h=1, m=3, R=2, combine=combine, kind="poly", dtype=torch.float32, with_base=False)
+
+
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_one_task_every_token_own_row_and_straddling_tiles(combine):
+    # one routing row for the whole batch
+    compare(N=40, d=16, o=16, r=2, h=1, m=4, R=1, combine=combine, kind="poly", dtype=torch.float32,
+            route_ids=torch.zeros(40, dtype=torch.long))
+    # every token its own row (token-level MoE-LoRA)
+    compare(N=23, d=16, o=16, r=2, h=1, m=4, R=23, combine=combine, kind="topk", dtype=torch.float32,
+            route_ids=torch.randperm(23))
+    # runs of 7 tokens: every 16-token tile straddles two or three rows; unsorted order too
+    runs = torch.arange(6).repeat_interleave(7)
+    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32,
+            route_ids=runs)
+    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32,
+            route_ids=runs[torch.randperm(42)])
+    # rows that appear in no token
+    compare(N=20, d=16, o=16, r=2, h=1, m=4, R=9, combine=combine, kind="poly", dtype=torch.float32,
+            route_ids=torch.tensor([0, 3, 8] * 6 + [3, 3]))
+
+
+def test_weight_gradients_are_deterministic():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 16, generator=g).to(DEVICE)
+    A = torch.randn(2, 4, 8, 3, generator=g).to(DEVICE).requires_grad_(True)
+    B = torch.randn(2, 4, 3, 8, generator=g).to(DEVICE).requires_grad_(True)
+    logits = torch.randn(5, 2, 4, generator=g).to(DEVICE).requires_grad_(True)
+    route_ids = torch.randint(0, 5, (50,), generator=g).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        rt = routers.poly_route(logits)
+        y = routed_lora(x, A, B, rt.idx, rt.w, route_ids, backend="triton")
+        runs.append(torch.autograd.grad(y.square().sum(), [A, B, logits]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_layer_and_from_peft_model_round_trip():
+    from peft import PolyConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    peft_model = get_peft_model(LlamaForCausalLM(cfg), PolyConfig(r=2, n_tasks=3, n_skills=3, n_splits=2,
+                                                                  target_modules=["q_proj", "v_proj"],
+                                                                  init_weights=False, task_type="CAUSAL_LM"))
+    peft_model.eval()
+    ref = copy.deepcopy(peft_model)
+    model = routedlora.from_peft(peft_model, backend="triton").to(DEVICE)
+    ref.to(DEVICE)
+    ids = torch.randint(0, 64, (3, 6)).to(DEVICE)
+    tasks = torch.tensor([2, 0, 1]).to(DEVICE)
+    out_ref = ref(input_ids=ids, task_ids=tasks, labels=ids)
+    with routedlora.routing(model, tasks):
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, out_ref.logits, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    out_ref.loss.backward()
+    for name, layer in routedlora.routed_layers(model):
+        poly = ref.base_model.model.get_submodule(name)
+        pairs = [(layer.lora_A, poly.poly_lora_A["default"]), (layer.lora_B, poly.poly_lora_B["default"]),
+                 (layer.router_logits, poly.poly_router["default"].module_logits)]
+        for p, q in pairs:
+            torch.testing.assert_close(p.grad.reshape(q.grad.shape), q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiles_as_single_ops():
+    torch.manual_seed(0)
+    layer = routedlora.RoutedLoraLinear(nn.Linear(16, 8), n_tasks=3, n_skills=4, r=2, n_heads=2, init_weights=False,
+                                        backend="triton").eval().to(DEVICE)
+    x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    tasks = torch.tensor([0, 2], device=DEVICE)
+    eager = layer(x, task_ids=tasks)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x, task_ids=tasks)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert layer.lora_A.grad is not None
+
+
+def test_missing_triton_device_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if DEVICE == "cuda":
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        routed_lora(torch.randn(2, 4), torch.randn(1, 2, 4, 1), torch.randn(1, 2, 1, 4),
+                    torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1), torch.zeros(2, dtype=torch.long),
+                    backend="triton")
