@@ -1,6 +1,5 @@
 """Triton kernels of routedlora, installed as ``routedlora.triton_kernels``.
 
-Empty in this release: the ``triton`` backend is not implemented yet and
-``routedlora.backends.resolve_backend("triton")`` says so. The kernels will
-implement the contract of :mod:`routedlora.ops.torch_backend`.
+``routed_lora`` holds the kernels of the routed LoRA op; the launchers and the
+custom-op registration live in :mod:`routedlora.ops.triton_backend`.
 """
