@@ -5,7 +5,7 @@ from typing import List
 
 import torch
 
-from .peers import REFERENCE, SAME_FUNCTION, LayerCase, LayerInputs, layer_peers
+from .peers import REFERENCE, SAME_FUNCTION, LayerCase, LayerInputs, by_mode, layer_peers
 from .timing import measure, peak_memory_mb
 
 MODES = ("fwd", "fwd+bwd")
@@ -94,16 +94,13 @@ def run_case(case: LayerCase, device: torch.device, *, seq_len: int, warmup: int
 
 def add_ratios(rows: List[dict]) -> None:
     """Ratios to the frozen base and to PEFT Poly, and overhead over the base, per mode."""
-    by_mode = {}
-    for r in rows:
-        if "median_ms" in r:
-            by_mode.setdefault(r["mode"], {})[r["peer"]] = r["median_ms"]
+    times = by_mode(rows, "median_ms")
     for r in rows:
         t = r.get("median_ms")
         if t is None:
             continue
-        base = by_mode[r["mode"]].get("base")
-        poly = by_mode[r["mode"]].get("peft_poly")
+        base = times[r["mode"]].get("base")
+        poly = times[r["mode"]].get("peft_poly")
         r["x_base"] = t / base if base else None
         r["overhead"] = (t - base) / base if base else None
         r["x_peft_poly"] = t / poly if poly else None

@@ -12,7 +12,7 @@ import torch
 
 import routedlora
 
-from .peers import DTYPES, routedlora_backends
+from .peers import DTYPES, by_mode, peft_available, routedlora_backends
 from .timing import measure, peak_memory_mb
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -112,13 +112,9 @@ class _TaskIds:
 
 def model_peers(device: torch.device) -> Dict[str, Callable]:
     peers: Dict[str, Callable] = {"base": _bare}
-    try:
-        import peft  # noqa: F401
-
+    if peft_available():
         peers["peft_lora"] = _with_peft_lora
         peers["peft_poly"] = _with_peft_poly
-    except ImportError:
-        pass
     for name, backend in routedlora_backends(device).items():  # no interpreter at model size
         peers[name] = _with_routedlora(backend)
     return peers
@@ -177,10 +173,7 @@ def run_case(case: ModelCase, device: torch.device, *, warmup: int, reps: int, m
 
 
 def _model_ratios(rows: List[dict]) -> None:
-    speed = {}
-    for r in rows:
-        if "tokens_per_s" in r:
-            speed.setdefault(r["mode"], {})[r["peer"]] = r["tokens_per_s"]
+    speed = by_mode(rows, "tokens_per_s")
     for r in rows:
         tps = r.get("tokens_per_s")
         if tps is None:

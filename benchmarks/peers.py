@@ -205,16 +205,29 @@ def routedlora_backends(device: torch.device, case=None) -> Dict[str, str]:
     return out
 
 
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def by_mode(rows: List[dict], key: str) -> Dict[str, Dict[str, float]]:
+    """``{mode: {peer: row[key]}}`` over the rows that have ``key``: the same-run references of the ratios."""
+    out: Dict[str, Dict[str, float]] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            out.setdefault(r["mode"], {})[r["peer"]] = r[key]
+    return out
+
+
 def layer_peers(device: torch.device, case=None) -> Dict[str, Callable[[LayerInputs], Callable]]:
     """Peers available here for ``case``, floor first; routedlora's backends last."""
     peers: Dict[str, Callable] = {"base": base_peer}
-    try:
-        import peft  # noqa: F401
-
+    if peft_available():
         peers["peft_lora"] = peft_lora_peer
         peers["peft_poly"] = peft_poly_peer
-    except ImportError:
-        pass
     peers["per_task_loop"] = _module_peer(PerTaskLoop)
     peers["dense_einsum"] = _module_peer(DenseEinsum)
     if hasattr(torch, "_grouped_mm"):
