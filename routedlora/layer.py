@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .config import RoutedLoraConfig
 from .ops import routed_lora
 from .routers import Routing, cpoly_route, gumbel_uniform, poly_route, softmax_route, topk_route
-from .validation import check_index_range, check_tensor
+from .validation import check_index_range, check_tensor, values_checkable
 
 def _recomputing() -> bool:
     """True while autograd runs a backward pass: activation checkpointing re-runs forward here."""
@@ -248,6 +248,11 @@ class RoutedLoraLinear(nn.Module):
     def forward(self, x: Tensor, task_ids=None) -> Tensor:
         self._check_input(x)
         result = self.base_layer(x)
+        if self.merged_task is not None and task_ids is not None:
+            ids = torch.as_tensor(task_ids)
+            if values_checkable(ids) and bool((ids != self.merged_task).any()):
+                raise ValueError(f"task_ids: task {self.merged_task} is merged into this layer; route only that "
+                                 "task or call routedlora.unmerge first")
         if self.disabled or self.merged_task is not None:
             return result
         ids = self._task_ids(x, task_ids)

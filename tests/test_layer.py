@@ -101,6 +101,8 @@ def test_merge_matches_routed_output():
     torch.testing.assert_close(layer(x, task_ids=3), routed, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already merged"):
         routedlora.merge(layer, 3)
+    with pytest.raises(ValueError, match="task_ids"):
+        layer(x, task_ids=[3, 1])
     routedlora.unmerge(layer)
     torch.testing.assert_close(layer(x, task_ids=3), routed, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="task_id"):
