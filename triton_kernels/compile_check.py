@@ -1,0 +1,92 @@
+"""Compile every Triton kernel variant the launchers use for real GPUs, without a GPU.
+
+    python -m routedlora.triton_kernels.compile_check            # sm_80 and sm_90
+    python -m routedlora.triton_kernels.compile_check --arch 90
+
+Uses the ptxas shipped in the triton wheel. The interpreter tests check the math;
+this checks the compiler. Run it in a process where triton was imported without
+``TRITON_INTERPRET=1`` (the interpreter rewires triton's own library functions).
+"""
+import argparse
+import itertools
+import sys
+import time
+
+F32_PREC = "ieee"
+TY = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
+
+
+def _compile(fn, pointers, floats, constexprs, arch, int_type="i32"):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = int_type
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+
+
+def variants(K):
+    """``(label, kernel, pointer types, float args, constexprs, int type)`` for every launched variant."""
+    prec = lambda dt: F32_PREC if dt == "float32" else "tf32"  # noqa: E731
+    for dt, mode, heads in itertools.product(TY, [0, 1, 2], [1, 4]):
+        if mode == 1 and heads != 1:
+            continue
+        t = TY[dt]
+        yield (f"shrink mode={mode} h={heads} {dt}", K._shrink_kernel,
+               dict(X=t, M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"), (),
+               dict(H=heads, MODE=mode, PREC=prec(dt), BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
+    for dt, mix, has_base in itertools.product(TY, [True, False], [True, False]):
+        t = TY[dt]
+        yield (f"expand mix={mix} base={has_base} {dt}", K._expand_kernel,
+               dict(U="*fp32", M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", BASE=t, Y=t), ("scale",),
+               dict(MIX=mix, HAS_BASE=has_base, PREC=prec(dt), BLOCK_N=64, BLOCK_O=128, BLOCK_R=16), "i32")
+    for dt, shared in itertools.product(TY, [True, False]):
+        t = TY[dt]
+        yield (f"weight_grad shared_v={shared} {dt}", K._weight_grad_kernel,
+               dict(WIDE=t, VR="*fp32", IDX="*i64", WGT="*fp32", RIDS="*i64", OUT=t), ("scale",),
+               dict(SHARED_V=shared, PREC=prec(dt), BLOCK_N=64, BLOCK_W=64, BLOCK_R=32), "i32")
+    yield ("shrink mode=0 h=2 bfloat16, 64-bit strides", K._shrink_kernel,
+           dict(X="*bf16", M="*bf16", IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"),
+           (), dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128), "i64")
+    yield ("segment_sum", K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), (),
+           dict(BLOCK_T=64, BLOCK_C=16), "i64")
+
+
+def main(argv=None) -> int:
+    import os
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces triton's library functions)")
+        return 2
+    from routedlora.triton_kernels import routed_lora as K
+
+    failed = 0
+    for arch in args.arch:
+        for label, fn, ptrs, floats, consts, int_type in variants(K):
+            t0 = time.time()
+            try:
+                _compile(fn, ptrs, floats, consts, arch, int_type)
+                status = "ok"
+            except Exception as e:  # report every failure, not only the first
+                failed += 1
+                status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"
+            print(f"sm_{arch}  {label:48s} {time.time() - t0:5.1f}s  {status}", flush=True)
+    print(f"{failed} failed" if failed else "all kernels compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
