@@ -13,7 +13,7 @@ from routedlora import routers
 from routedlora.backends import available_backends
 from routedlora.ops import routed_lora
 
-BACKENDS = available_backends()
+BACKENDS = available_backends(torch.device("cpu"))  # these tests run on CPU tensors
 # float64 is the reference's own check (gradcheck); the fused kernels take 16/32-bit
 # floats and are compared with the reference in test_triton.py.
 F64_BACKENDS = ["torch"]
