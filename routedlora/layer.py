@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RoutedLoraConfig
+from .backends import resolve_backend
 from .ops import routed_lora
 from .routers import Routing, cpoly_route, gumbel_uniform, poly_route, softmax_route, topk_route
 from .validation import check_index_range, check_tensor, values_checkable
@@ -173,15 +174,20 @@ class RoutedLoraLinear(nn.Module):
             self._generator.manual_seed(self.config.seed + self.layer_index)
         return self._generator
 
-    def _noise(self, B: int, row_example: Tensor, heads: int, skills: int, device) -> Optional[Tensor]:
-        if not (self.training and self.config.gumbel):
-            return None
+    def _noise_generator(self, device) -> Optional[torch.Generator]:
+        """The generator noise is drawn from, rewound to the last forward's state when checkpointing re-runs it."""
         gen = self._generator_for(device)
         if gen is not None:
             if _recomputing() and self._noise_state is not None:
                 gen.set_state(self._noise_state)
             else:
                 self._noise_state = gen.get_state()
+        return gen
+
+    def _noise(self, B: int, row_example: Tensor, heads: int, skills: int, device) -> Optional[Tensor]:
+        if not (self.training and self.config.gumbel):
+            return None
+        gen = self._noise_generator(device)
         rows = self._noise_rows()
         if rows is None:
             u = gumbel_uniform((B, heads, skills), generator=gen, device=device)
@@ -195,6 +201,29 @@ class RoutedLoraLinear(nn.Module):
                                  f"batch of {total}")
             u = gumbel_uniform((total, heads, skills), generator=gen, device=device)[start:start + B]
         return u if row_example.shape[0] == B else u[row_example]
+
+    def _kernel_route(self, rows_task: Tensor, row_example: Tensor) -> Optional[Routing]:
+        """Routing in one Triton kernel (backend='triton', routers poly/softmax/topk/mta), else None.
+
+        Gumbel noise then comes from a seed drawn from the layer's generator (or torch's)
+        and Philox keyed by (example, head, skill): the same distribution as the torch
+        routers, not the same draws.
+        """
+        cfg = self.config
+        if cfg.backend != "triton" or cfg.router not in ("poly", "softmax", "topk", "mta"):
+            return None
+        device = self.router_logits.device
+        backend = resolve_backend(cfg.backend, device)
+        seed, ex_offset = None, 0
+        if cfg.router == "poly" and self.training and cfg.gumbel:
+            gen = self._noise_generator(device)
+            seed = torch.randint(0, 2**62, (1,), generator=gen, device=device, dtype=torch.int64)
+            rows = self._noise_rows()
+            ex_offset = rows[0] if rows is not None else 0
+        kind = "topk" if cfg.router == "mta" else cfg.router
+        idx, w = backend.route(self.router_logits, rows_task, row_example, kind=kind, seed=seed, k=cfg.top_k,
+                               temperature=cfg.temperature, renormalize=cfg.renormalize, ex_offset=ex_offset)
+        return Routing(idx, w)
 
     def _noise_rows(self) -> Optional[Tuple[int, int]]:
         state = self._state if self._state is not None else (self._last_state if _recomputing() else None)
@@ -218,10 +247,13 @@ class RoutedLoraLinear(nn.Module):
     def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None) -> Routing:
         """Sparse routing rows for the given task of each row (float32 weights)."""
         cfg = self.config
+        if row_example is None:
+            row_example, B = torch.arange(rows_task.shape[0], device=rows_task.device), rows_task.shape[0]
+        routing = self._kernel_route(rows_task, row_example)
+        if routing is not None:
+            return routing
         logits = self.router_logits[rows_task].float()
         R, h, m = logits.shape
-        if row_example is None:
-            row_example, B = torch.arange(R, device=logits.device), R
         if cfg.router == "poly":
             return poly_route(logits, noise=self._noise(B, row_example, h, m, logits.device),
                               temperature=cfg.temperature)

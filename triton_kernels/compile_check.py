@@ -35,6 +35,20 @@ def _compile(fn, pointers, floats, constexprs, arch, int_type="i32"):
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
 
 
+def router_variants(RK):
+    for kind, noise, renorm in [(0, False, True), (0, True, True), (1, False, True), (2, False, True),
+                                (2, False, False)]:
+        for dt in ("bfloat16", "float32"):
+            t = TY[dt]
+            consts = dict(KIND=kind, NOISE=noise, RENORM=renorm, BLOCK_M=8)
+            ptrs = dict(LOGITS=t, ROWS_TASK="*i64", ROW_EX="*i64", SEED="*i64", IDX="*i64", W="*fp32")
+            yield (f"router forward kind={kind} noise={noise} renorm={renorm} {dt}", RK._router_forward_kernel,
+                   ptrs, ("inv_tau", "eps", "tiny"), consts, "i32")
+            yield (f"router backward kind={kind} noise={noise} renorm={renorm} {dt}", RK._router_backward_kernel,
+                   dict(ptrs, DW="*fp32", DZ="*fp32"), ("inv_tau", "eps", "tiny"), consts, "i32")
+    yield ("uniform draws", RK._uniform_kernel, dict(SEED="*i64", OUT="*fp32"), ("eps",), dict(BLOCK_M=8), "i32")
+
+
 def variants(K):
     """``(label, kernel, pointer types, float args, constexprs, int type)`` for every launched variant."""
     prec = lambda dt: F32_PREC if dt == "float32" else "tf32"  # noqa: E731
@@ -72,10 +86,11 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces triton's library functions)")
         return 2
     from routedlora.triton_kernels import routed_lora as K
+    from routedlora.triton_kernels import routing as RK
 
     failed = 0
     for arch in args.arch:
-        for label, fn, ptrs, floats, consts, int_type in variants(K):
+        for label, fn, ptrs, floats, consts, int_type in itertools.chain(variants(K), router_variants(RK)):
             t0 = time.time()
             try:
                 _compile(fn, ptrs, floats, consts, arch, int_type)

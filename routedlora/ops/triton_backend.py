@@ -245,3 +245,113 @@ def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
     dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, idx, w, route_ids, ctx, float(scale), combine)
     need_x, need_A, need_B, need_w = needs
     return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
+
+
+# --- routers in a kernel ------------------------------------------------------------
+
+_router_kernels = None
+ROUTER_KINDS = {"poly": 0, "softmax": 1, "topk": 2}
+
+
+def _rk():
+    global _router_kernels
+    if _router_kernels is None:
+        from routedlora.triton_kernels import routing
+
+        _router_kernels = routing
+    return _router_kernels
+
+
+def _router_args(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset):
+    T, h, m = logits.shape
+    R = rows_task.shape[0]
+    K = m if kind in ("poly", "softmax") else k
+    eps = torch.finfo(torch.float32).eps
+    tiny = torch.finfo(torch.float32).tiny
+    seed_t = seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=logits.device)
+    consts = dict(KIND=ROUTER_KINDS[kind], NOISE=seed is not None, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2))
+    return R, h, m, K, seed_t, (h, m, K, int(ex_offset), 1.0 / float(temperature), eps, tiny), consts
+
+
+@torch.library.custom_op("routedlora::triton_route", mutates_args=())
+def _route_op(logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Optional[Tensor], kind: str, k: int,
+              temperature: float, renormalize: bool, ex_offset: int) -> Tuple[Tensor, Tensor]:
+    R, h, m, K, seed_t, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
+                                                       renormalize, ex_offset)
+    idx = torch.empty(R, h, K, dtype=torch.int64, device=logits.device)
+    w = torch.empty(R, h, K, dtype=torch.float32, device=logits.device)
+    if R:
+        _rk()._router_forward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, w, *scalars,
+                                             *logits.stride(), *w.stride(), **consts)
+    return idx, w
+
+
+@_route_op.register_fake
+def _(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset):
+    R, (T, h, m) = rows_task.shape[0], logits.shape
+    K = m if kind in ("poly", "softmax") else k
+    return (logits.new_empty(R, h, K, dtype=torch.int64), logits.new_empty(R, h, K, dtype=torch.float32))
+
+
+@torch.library.custom_op("routedlora::triton_route_backward", mutates_args=())
+def _route_backward_op(dw: Tensor, logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Optional[Tensor],
+                       idx: Tensor, kind: str, k: int, temperature: float, renormalize: bool,
+                       ex_offset: int) -> Tensor:
+    R, h, m, K, seed_t, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
+                                                       renormalize, ex_offset)
+    T = logits.shape[0]
+    dz = torch.zeros(R, h, m, dtype=torch.float32, device=logits.device)
+    if R:
+        dw_c = dw.contiguous().float()
+        _rk()._router_backward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, dw_c, dw_c, dz, *scalars,
+                                              *logits.stride(), *dw_c.stride(), dz.stride(0), dz.stride(1), **consts)
+    # rows of one task add up, summed per task in a fixed order (no atomics)
+    order, _, offs = _routing_meta(rows_task, T)
+    return _segment_sum(dz.view(R, h * m), order, offs, T).view(T, h, m).to(logits.dtype)
+
+
+@_route_backward_op.register_fake
+def _(dw, logits, rows_task, row_example, seed, idx, kind, k, temperature, renormalize, ex_offset):
+    return torch.empty_like(logits)
+
+
+class TritonRouterFunction(torch.autograd.Function):
+    """Routing rows from the logits table in one kernel; logit gradients per task in another."""
+
+    @staticmethod
+    def forward(ctx, logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset):
+        idx, w = _route_op(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset)
+        ctx.save_for_backward(logits, rows_task, row_example, seed, idx)
+        ctx.args = (kind, k, temperature, renormalize, ex_offset)
+        ctx.mark_non_differentiable(idx)
+        return idx, w
+
+    @staticmethod
+    def backward(ctx, _didx, dw):
+        logits, rows_task, row_example, seed, idx = ctx.saved_tensors
+        dlogits = _route_backward_op(dw, logits, rows_task, row_example, seed, idx, *ctx.args)
+        return dlogits, None, None, None, None, None, None, None, None
+
+
+def route(logits: Tensor, rows_task: Tensor, row_example: Tensor, *, kind: str, seed: Optional[Tensor] = None,
+          k: int = 1, temperature: float = 1.0, renormalize: bool = True, ex_offset: int = 0):
+    """``(idx, w)`` rows of ``logits[rows_task]`` under router ``kind``, computed in a Triton kernel.
+
+    ``seed`` (a one-element int64 device tensor) switches on Gumbel-sigmoid noise for
+    ``poly``: the uniform draw of example ``row_example[r] + ex_offset``, head q, skill s
+    is Philox(seed, (example * h + q) * m + s), regenerated in backward, never stored.
+    """
+    if kind not in ROUTER_KINDS:
+        raise ValueError(f"kind: the in-kernel routers are {tuple(ROUTER_KINDS)}, got {kind!r}")
+    return TritonRouterFunction.apply(logits, rows_task.long(), row_example.long(), seed, kind, int(k),
+                                      float(temperature), bool(renormalize), int(ex_offset))
+
+
+@torch.library.custom_op("routedlora::triton_uniform", mutates_args=())
+def uniform_draws(seed: Tensor, examples: int, heads: int, skills: int) -> Tensor:
+    """The clamped uniforms :func:`route` draws for ``poly`` noise, ``(examples, heads, skills)`` (for tests)."""
+    out = torch.empty(examples, heads, skills, dtype=torch.float32, device=seed.device)
+    if examples:
+        _rk()._uniform_kernel[(examples, heads)](seed, out, heads, skills, torch.finfo(torch.float32).eps,
+                                                 BLOCK_M=_pow2(skills, 2))
+    return out
