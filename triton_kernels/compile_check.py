@@ -72,6 +72,9 @@ def variants(K):
     yield ("shrink mode=0 h=2 bfloat16, 64-bit strides", K._shrink_kernel,
            dict(X="*bf16", M="*bf16", IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"),
            (), dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128), "i64")
+    yield ("shrink mode=0 h=64 bfloat16 (many heads)", K._shrink_kernel,
+           dict(X="*bf16", M="*bf16", IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"),
+           (), dict(H=64, MODE=0, PREC="tf32", BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
     yield ("segment_sum", K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), (),
            dict(BLOCK_T=64, BLOCK_C=16), "i64")
 

@@ -49,13 +49,72 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _blocks(N: int, width: int, r: int, interpret: bool) -> dict:
-    """Tile sizes by shape class (decode-sized N vs training-sized N); see autotuning notes."""
-    if interpret:  # the interpreter is slow per element: smallest legal tiles
-        return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, BLOCK_R=_pow2(r))
-    small = N <= 64
-    return dict(BLOCK_N=16 if small else 64, BLOCK_D=64, BLOCK_O=64 if small else 128, BLOCK_W=64,
-                BLOCK_R=_pow2(r))
+_INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, num_warps=1, num_stages=1)
+_tile_tables: dict = {}
+_override: Optional[dict] = None
+
+
+def device_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _config_dir() -> str:
+    # installed as routedlora.triton_kernels: the configs sit beside the kernels
+    from routedlora import triton_kernels
+
+    return os.path.join(os.path.dirname(triton_kernels.__file__), "configs")
+
+
+def tile_table(device=None) -> dict:
+    """The tile table for ``device``: ``configs/<gpu name>.json`` if tuned, else ``configs/default.json``."""
+    import json
+
+    name = torch.cuda.get_device_name(device) if device is not None and torch.device(device).type == "cuda" else ""
+    key = device_slug(name) if name else "default"
+    if key not in _tile_tables:
+        path = os.path.join(_config_dir(), f"{key}.json")
+        if not os.path.exists(path):
+            path = os.path.join(_config_dir(), "default.json")
+        with open(path) as f:
+            _tile_tables[key] = json.load(f)
+    return _tile_tables[key]
+
+
+def shape_class(N: int, table: dict) -> str:
+    """The first class (in file order) whose ``max_tokens`` bound holds ``N``."""
+    for name, cfg in table["classes"].items():
+        if cfg["max_tokens"] is None or N <= cfg["max_tokens"]:
+            return name
+    raise ValueError(f"tile table {table.get('device')!r} has no class for {N} tokens")
+
+
+class tile_override:
+    """Context manager forcing one tile configuration (used by the tuner)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def __enter__(self):
+        global _override
+        self.prev, _override = _override, dict(self.cfg)
+        return self
+
+    def __exit__(self, *exc):
+        global _override
+        _override = self.prev
+
+
+def _blocks(N: int, width: int, r: int, interpret: bool, device=None) -> dict:
+    """Tile sizes for ``N`` tokens: tuned data by shape class (decode / medium / train)."""
+    if _override is not None:
+        cfg = dict(_override)
+    elif interpret:  # the interpreter is slow per element: smallest legal tiles
+        cfg = dict(_INTERPRETER_TILES)
+    else:
+        table = tile_table(device)
+        cfg = dict(table["classes"][shape_class(N, table)])
+    cfg["BLOCK_R"] = _pow2(r)
+    return cfg
 
 
 def _prec(dtype) -> str:
@@ -83,7 +142,7 @@ def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
     h, m, dh, r = M.shape
     if N == 0:
         return out
-    b = _blocks(N, dh, r, _interpret())
+    b = _blocks(N, dh, r, _interpret(), X.device)
     so = out.stride()
     if mode == 0:
         so = (so[0], 0, so[1])
@@ -93,7 +152,8 @@ def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
     _k()._shrink_kernel[grid](
         X, M, idx, w, order, srows, out, v_, N, dh, r, K,
         X.stride(0), X.stride(1), *M.stride(), *idx.stride(), *so, *sv,
-        H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"])
+        H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"],
+        num_warps=b["num_warps"], num_stages=b["num_stages"])
     return out
 
 
@@ -103,7 +163,7 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
     h, m, r, oh = M.shape
     if N == 0:
         return y
-    b = _blocks(N, oh, r, _interpret())
+    b = _blocks(N, oh, r, _interpret(), U.device)
     su = (U.stride(0), 0, U.stride(1)) if mix else U.stride()
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
     grid = (triton_cdiv(N, b["BLOCK_N"]), h, triton_cdiv(oh, b["BLOCK_O"]))
@@ -111,7 +171,8 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
         U, M, idx, w, order, srows, base if base is not None else y, y, N, oh, r, K, float(scale),
         *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
         MIX=mix, HAS_BASE=base is not None, PREC=_prec(M.dtype),
-        BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"])
+        BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"], num_warps=b["num_warps"],
+        num_stages=b["num_stages"])
     return y
 
 
@@ -123,7 +184,7 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
     K = idx.shape[-1]
     if N == 0:
         return out.zero_()
-    b = _blocks(N, width, r, _interpret())
+    b = _blocks(N, width, r, _interpret(), wide.device)
     so_q, so_s = out.stride(0), out.stride(1)
     so_w, so_r = (out.stride(3), out.stride(2)) if transposed else (out.stride(2), out.stride(3))
     sv = (V.stride(0), 0, V.stride(1)) if shared_v else V.stride()
@@ -132,7 +193,7 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
         wide, V, idx, w, route_ids, out, N, width, r, K, m, float(scale),
         wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_q, so_s, so_w, so_r,
         SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"],
-        BLOCK_R=b["BLOCK_R"])
+        BLOCK_R=b["BLOCK_R"], num_warps=b["num_warps"], num_stages=b["num_stages"])
     return out
 
 
