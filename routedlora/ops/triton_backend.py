@@ -10,6 +10,12 @@ Routing metadata is built on the device with no host sync: a stable sort of
 deterministic per-row reduction of routing gradients. Every weight gradient is a
 per-(head, skill, block) reduction owned by one program: no atomics.
 
+Routers: :func:`route` computes ``poly`` (Gumbel noise from a seed), ``softmax`` and
+``topk`` rows in one kernel, with the logit gradients summed per task in another.
+
+Tiles: :func:`tile_table` reads ``triton_kernels/configs/<gpu>.json`` (written by
+``benchmarks/tune_triton.py``) or ``default.json``, one configuration per shape class.
+
 Memory: forward keeps a float32 rank-space activation, ``N*r`` (``params``) or
 ``N*K*r`` (``outputs``) numbers; backward adds two such buffers and ``N*h*K``
 routing-gradient partials. Nothing ``d x r`` is ever stored per token or row.
