@@ -155,7 +155,7 @@ def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
     rmask = rr < RANK
     acc = tl.zeros((BLOCK_W, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        nn = n0 + tl.arange(0, BLOCK_N)
+        nn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # token * stride can pass 2**31
         nmask = nn < N
         rows = tl.load(RIDS + nn, mask=nmask, other=0)
         wide = tl.load(WIDE + nn[:, None] * sw_n + (q * WIDTH + ww)[None, :] * sw_w,
