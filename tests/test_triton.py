@@ -263,3 +263,22 @@ def test_layer_training_noise_on_triton_is_seeded_and_per_example():
     ya, yb = a(x, task_ids=[1, 1]), b(x, task_ids=[1, 1])
     torch.testing.assert_close(ya, yb)  # same seed, same draws
     assert not torch.allclose(ya[0], ya[1])  # same task and input, each example its own noise
+
+
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_repeated_skills_in_a_row(combine):
+    # a row may name one skill twice: the weights add up, each slot gets its own gradient
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(21, 16, generator=g).to(DEVICE)
+    A = torch.randn(1, 4, 16, 3, generator=g).to(DEVICE)
+    B = torch.randn(1, 4, 3, 8, generator=g).to(DEVICE)
+    idx = torch.tensor([[[0, 0, 2]], [[1, 3, 1]], [[2, 2, 2]]]).to(DEVICE)
+    w0 = torch.rand(3, 1, 3, generator=g).to(DEVICE)
+    route_ids = torch.randint(0, 3, (21,), generator=g).to(DEVICE)
+    outs = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, w0)]
+        y = routed_lora(leaves[0], leaves[1], leaves[2], idx, leaves[3], route_ids, combine=combine, backend=backend)
+        outs[backend] = [y] + list(torch.autograd.grad(y.square().sum(), leaves))
+    for ref, got in zip(outs["torch"], outs["triton"]):
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
