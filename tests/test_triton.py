@@ -280,5 +280,6 @@ def test_repeated_skills_in_a_row(combine):
         leaves = [t.clone().requires_grad_(True) for t in (x, A, B, w0)]
         y = routed_lora(leaves[0], leaves[1], leaves[2], idx, leaves[3], route_ids, combine=combine, backend=backend)
         outs[backend] = [y] + list(torch.autograd.grad(y.square().sum(), leaves))
-    for ref, got in zip(outs["torch"], outs["triton"]):
-        torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
+    for name, ref, got in zip(["y", "dx", "dA", "dB", "dw"], outs["torch"], outs["triton"]):
+        err = (got - ref).abs().max() / ref.abs().max()
+        assert err <= TOL[torch.float32], f"{name}: relative error {err:.2e}"
