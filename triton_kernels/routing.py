@@ -36,19 +36,30 @@ def _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE: tl.constexp
 
 
 @triton.jit
+def _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s):
+    # routing row r reads its task's logits straight from the (T, h, m) table
+    t = tl.load(ROWS_TASK + r)
+    return tl.load(LOGITS + t * sl_t + q * sl_q + ss * sl_s, mask=smask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE: tl.constexpr):
+    ex = tl.load(ROW_EX + r) + ex_offset
+    return tl.where(smask, _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE), 0.0)
+
+
+@triton.jit
 def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_offset, inv_tau, eps, tiny,
                            sl_t, sl_q, sl_s, so_r, so_q, so_k,
                            KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr):
     r = tl.program_id(0)
     q = tl.program_id(1)
-    t = tl.load(ROWS_TASK + r)
     ss = tl.arange(0, BLOCK_M)
     smask = ss < M
-    z = tl.load(LOGITS + t * sl_t + q * sl_q + ss * sl_s, mask=smask, other=0.0).to(tl.float32)
+    z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
-        ex = tl.load(ROW_EX + r) + ex_offset
-        p = tl.where(smask, _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE), 0.0)
+        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE)
         w = p / (tl.sum(p, axis=0) + 1e-12)
         tl.store(W + out + ss * so_k, w, mask=smask)
         tl.store(IDX + out + ss * so_k, ss.to(tl.int64), mask=smask)
@@ -83,14 +94,12 @@ def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, H, 
                             KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr):
     r = tl.program_id(0)
     q = tl.program_id(1)
-    t = tl.load(ROWS_TASK + r)
     ss = tl.arange(0, BLOCK_M)
     smask = ss < M
-    z = tl.load(LOGITS + t * sl_t + q * sl_q + ss * sl_s, mask=smask, other=0.0).to(tl.float32)
+    z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
-        ex = tl.load(ROW_EX + r) + ex_offset
-        p = tl.where(smask, _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE), 0.0)
+        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE)
         S = tl.sum(p, axis=0) + 1e-12
         dw = tl.load(DW + out + ss * so_k, mask=smask, other=0.0).to(tl.float32)
         dp = dw / S - tl.sum(dw * p, axis=0) / (S * S)
