@@ -39,7 +39,7 @@ def is_available(device: Optional[torch.device] = None) -> bool:
         return False
     if device is not None and torch.device(device).type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _interpret()
 
 
 def _k():
