@@ -1,0 +1,119 @@
+"""The csrc kernels built for the host emulator (csrc/emulate), called on CPU tensors.
+
+Builds ``csrc/emulate/emu_exports.cpp`` with g++ once per source hash and loads it with
+ctypes. :func:`decode_forward` and :func:`group_by_row` take and return tensors the way
+the ``routedlora_cuda`` ops of ``csrc/bindings.cpp`` do (same scratch sizes, same
+split choice), so the same Python code can drive either.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EMULATED_SMS = 4  # few blocks: the emulator runs blocks one after another
+
+_lib = None
+
+
+def cuda_include() -> Optional[str]:
+    """The toolkit's include dir (for cuda_fp16.h and friends), or None."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
+            return str(Path(root) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = Path(nvcc).resolve().parent.parent / "include"
+        if (inc / "cuda_fp16.h").exists():
+            return str(inc)
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    if shutil.which("g++") is None:
+        return "no g++ to build the emulator"
+    if cuda_include() is None:
+        return "no CUDA toolkit headers (cuda_fp16.h) found"
+    return None
+
+
+def library():
+    global _lib
+    if _lib is not None:
+        return _lib
+    sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + \
+        sorted((CSRC / "emulate").glob("*"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"routedlora-emu-{digest}" / "librl_emu.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.so")
+        cmd = ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror",
+               "-DRL_EMULATE", f"-I{cuda_include()}", str(CSRC / "emulate" / "emu_exports.cpp"), "-o", str(tmp)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.rl_emu_decode_part_numel.restype = i64
+    lib.rl_emu_decode_part_numel.argtypes = [i64, i64, i64, i64, i64, i32]
+    lib.rl_emu_decode_splits.restype = i64
+    lib.rl_emu_decode_splits.argtypes = [i64, i64, i64, i32]
+    lib.rl_emu_decode_forward.restype = i32
+    lib.rl_emu_decode_forward.argtypes = [i32] + [ptr] * 10 + [i64] * 9 + [i32, f32]
+    lib.rl_emu_group_scratch_numel.restype = i64
+    lib.rl_emu_group_scratch_numel.argtypes = [i64]
+    lib.rl_emu_group_by_row.restype = i32
+    lib.rl_emu_group_by_row.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    _lib = lib
+    return lib
+
+
+def _p(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def decode_forward(x, A, B, idx, w, route_ids, base, scale: float, params: bool, splits: Optional[int] = None):
+    """``(y, saved)`` from the emulated decode kernels; mirrors ``routedlora_cuda::decode_forward``."""
+    lib = library()
+    N = x.shape[0]
+    h, m, dh, r = A.shape
+    oh = B.shape[-1]
+    R, _, K = idx.shape
+    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+    idx, w, route_ids = idx.long().contiguous(), w.float().contiguous(), route_ids.long().contiguous()
+    base = None if base is None else base.contiguous()
+    if splits is None:
+        splits = lib.rl_emu_decode_splits(N, h, dh, EMULATED_SMS)
+    part = torch.empty(lib.rl_emu_decode_part_numel(N, h, K, r, splits, int(params)), dtype=torch.float32)
+    y = torch.empty(N, h * oh, dtype=x.dtype)
+    saved = torch.empty((N, r) if params else (N, K, r), dtype=torch.float32)
+    err = lib.rl_emu_decode_forward(DTYPES[x.dtype], _p(x), _p(A), _p(B), _p(idx), _p(w), _p(route_ids), _p(base),
+                                    _p(y), _p(saved), _p(part), N, h, m, dh, r, oh, R, K, splits, int(params),
+                                    float(scale))
+    if err:
+        raise RuntimeError(f"decode_forward: launch refused (cudaError {err})")
+    return y, saved
+
+
+def group_by_row(route_ids, R: int):
+    """``(order, srows, offs)`` from the emulated grouping kernel; mirrors ``routedlora_cuda::group_by_row``."""
+    lib = library()
+    rid = route_ids.long().contiguous()
+    N = rid.shape[0]
+    order = torch.empty(N, dtype=torch.int64)
+    srows = torch.empty(N, dtype=torch.int64)
+    offs = torch.empty(R + 1, dtype=torch.int64)
+    scratch = torch.empty(lib.rl_emu_group_scratch_numel(R), dtype=torch.int32)
+    err = lib.rl_emu_group_by_row(_p(rid), N, R, _p(order), _p(srows), _p(offs), _p(scratch))
+    if err:
+        raise RuntimeError(f"group_by_row: launch refused (cudaError {err})")
+    return order, srows, offs
