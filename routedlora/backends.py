@@ -7,11 +7,15 @@ exposing ``forward(x, A, B, idx, w, route_ids, scale, combine, base)`` and
 * ``torch``: the reference, any device.
 * ``triton``: fused kernels (:mod:`routedlora.ops.triton_backend`); needs triton and
   a CUDA device, or the CPU interpreter (``TRITON_INTERPRET=1``, slow, for tests).
-* ``cuda``: not implemented yet.
+* ``cuda``: the CUDA C++ kernels of ``csrc/`` (decode-sized forward, token grouping),
+  built with ninja on first use, and the triton kernels for the rest
+  (:mod:`routedlora.ops.cuda_backend`, whose ``coverage()`` says which part runs where).
+  Refuses with :class:`~routedlora.cuda_build.CudaBackendUnavailable` naming what is
+  missing (a CUDA build of torch, a GPU, nvcc, ninja, triton); never falls back silently.
 
-``auto`` resolves to ``torch`` in this release: the triton backend has been
-validated on the interpreter only, and ``auto`` will prefer it once it has been
-checked and measured on a GPU.
+``auto`` resolves to ``torch`` in this release: the triton and cuda backends have been
+validated on the Triton interpreter and the csrc host emulator only, and ``auto`` will
+prefer them once they have been checked and measured on a GPU.
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ def resolve_backend(backend: str, device=None) -> ModuleType:
     """Map a backend name to its implementation module for tensors on ``device``."""
     check_backend(backend)
     if backend == "cuda":
-        raise NotImplementedError("backend='cuda' (the CUDA C++ kernels in csrc/) is not implemented yet; "
-                                  "use backend='torch', 'triton' or 'auto'")
+        from .ops import cuda_backend
+
+        cuda_backend.require(device)
+        return cuda_backend
     if backend == "triton":
         from .ops import triton_backend
 
@@ -48,12 +54,18 @@ def resolve_backend(backend: str, device=None) -> ModuleType:
 
 
 def available_backends(device=None) -> tuple:
-    """Backend names that :func:`resolve_backend` accepts for ``device`` (default: CUDA if present)."""
-    from .ops import triton_backend
+    """Backend names that :func:`resolve_backend` accepts for ``device`` (default: CUDA if present).
+
+    ``cuda`` is listed when its toolchain is present; it is built on first use, and a
+    build failure then raises from :func:`resolve_backend`.
+    """
+    from .ops import cuda_backend, triton_backend
 
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda")
     names = ["torch"]
     if triton_backend.is_available(device):
         names.append("triton")
+    if cuda_backend.is_available(device):
+        names.append("cuda")
     return tuple(names)

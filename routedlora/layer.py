@@ -203,14 +203,14 @@ class RoutedLoraLinear(nn.Module):
         return u if row_example.shape[0] == B else u[row_example]
 
     def _kernel_route(self, rows_task: Tensor, row_example: Tensor) -> Optional[Routing]:
-        """Routing in one Triton kernel (backend='triton', routers poly/softmax/topk/mta), else None.
+        """Routing in one Triton kernel (backends triton and cuda, routers poly/softmax/topk/mta), else None.
 
         Gumbel noise then comes from a seed drawn from the layer's generator (or torch's)
         and Philox keyed by (example, head, skill): the same distribution as the torch
         routers, not the same draws.
         """
         cfg = self.config
-        if cfg.backend != "triton" or cfg.router not in ("poly", "softmax", "topk", "mta"):
+        if cfg.backend not in ("triton", "cuda") or cfg.router not in ("poly", "softmax", "topk", "mta"):
             return None
         device = self.router_logits.device
         backend = resolve_backend(cfg.backend, device)

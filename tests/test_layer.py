@@ -159,10 +159,15 @@ def test_config_errors(field, value):
         routedlora.RoutedLoraConfig(**kw)
 
 
-def test_unimplemented_backends_refuse_clearly():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_backend_refuses_clearly_without_cuda():
+    from routedlora.cuda_build import CudaBackendUnavailable
+
     layer = make_layer(backend="cuda")
-    with pytest.raises(NotImplementedError, match="cuda"):
+    w0 = layer.lora_A.detach().clone()
+    with pytest.raises(CudaBackendUnavailable, match="backend='cuda'"):
         layer(torch.randn(2, 12), task_ids=[0, 1])
+    assert torch.equal(layer.lora_A, w0)
 
 
 def op_inputs():

@@ -221,14 +221,13 @@ def triton_cdiv(a: int, b: int) -> int:
 # --- the two ops ------------------------------------------------------------------
 
 
-@torch.library.custom_op("routedlora::triton_forward", mutates_args=())
-def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+def forward_impl(x, A, B, idx, w, route_ids, base, scale: float, combine: str, meta) -> Tuple[Tensor, Tensor]:
+    """The forward op's body; ``meta`` is ``(order, srows, offs)`` as :func:`_routing_meta` gives."""
     N = x.shape[0]
     h, m, dh, r = A.shape
     o = h * B.shape[-1]
     R, _, K = idx.shape
-    order, srows, _ = _routing_meta(route_ids, R)
+    order, srows, _ = meta
     idx_c, w_c = idx.contiguous(), w.contiguous()
     y = torch.empty(N, o, dtype=x.dtype, device=x.device)
     if combine == "params":
@@ -243,6 +242,12 @@ def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_i
     return y, saved
 
 
+@torch.library.custom_op("routedlora::triton_forward", mutates_args=())
+def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+    return forward_impl(x, A, B, idx, w, route_ids, base, scale, combine, _routing_meta(route_ids, idx.shape[0]))
+
+
 @_forward_op.register_fake
 def _(x, A, B, idx, w, route_ids, base, scale, combine):
     N, r, K = x.shape[0], A.shape[3], idx.shape[2]
@@ -251,15 +256,14 @@ def _(x, A, B, idx, w, route_ids, base, scale, combine):
     return y, saved
 
 
-@torch.library.custom_op("routedlora::triton_backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
+def backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale: float, combine: str, meta) -> List[Tensor]:
+    """The backward op's body; ``meta`` is ``(order, srows, offs)`` as :func:`_routing_meta` gives."""
     N, d = x.shape
     h, m, dh, r = A.shape
     oh = B.shape[-1]
     R, _, K = idx.shape
     dev = x.device
-    order, srows, offs = _routing_meta(route_ids, R)
+    order, srows, offs = meta
     idx_c, w_c = idx.contiguous(), w.contiguous()
     Bt = B.transpose(2, 3)  # (h, m, oh, r): pulls gradients into rank space
     At = A.transpose(2, 3)  # (h, m, r, dh): rank space back to x
@@ -292,6 +296,13 @@ def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: 
         dA.zero_()
         dB.zero_()
     return [dx, dA, dB, dw]
+
+
+@torch.library.custom_op("routedlora::triton_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
+    return backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine,
+                         _routing_meta(route_ids, idx.shape[0]))
 
 
 @_backward_op.register_fake

@@ -1,0 +1,148 @@
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` where they beat Triton, Triton elsewhere.
+
+Same contract as :mod:`routedlora.ops.torch_backend`. What serves each part
+(:func:`coverage` returns the same as a dict):
+
+* **forward, decode-sized** (``N <= DECODE_MAX_TOKENS`` tokens, rank ``r <= 256``, ``K``
+  slots with ``K <= 256`` and ``K*r <= 4096``, float32/float16/bfloat16):
+  ``routedlora_cuda::decode_forward`` from ``csrc/decode.cu``. Two launches (shrink,
+  expand) with the routing weights mixed inside; tokens read their routing row
+  directly, so no grouping metadata is built.
+* **forward, larger N, and every backward**: the Triton kernels of
+  :mod:`routedlora.ops.triton_backend`, fed the token grouping from
+  ``routedlora_cuda::group_by_row`` (``csrc/group_rows.cu``, one launch) when
+  ``N <= GROUP_MAX_TOKENS``, and from torch's sort beyond that.
+* **routers**: the Triton router kernels (``poly``, ``softmax``, ``topk``, MTA);
+  ``cpoly`` in torch.
+
+The decode forward saves the same float32 rank-space activation as the Triton forward,
+so either backward can follow either forward.
+
+Requirements, checked before anything is built (:func:`routedlora.cuda_build.unavailable_reason`):
+a CUDA build of torch, a device of compute capability 8.0 or newer, nvcc, ninja and
+triton. ``backend="cuda"`` raises :class:`~routedlora.cuda_build.CudaBackendUnavailable`
+naming what is missing; it never falls back silently. ``backend="auto"`` does not pick
+it until it has been validated and measured on a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import cuda_build
+from . import triton_backend
+
+DECODE_MAX_TOKENS = 64
+# the single-block grouping kernel walks N / 1024 chunks in 32 warp turns each: past this
+# the torch sort (multi-block radix sort) is assumed faster (a guess until measured on a GPU)
+GROUP_MAX_TOKENS = 4096
+# limits of csrc/decode.cu (kDecodeMaxRank, kMaxSlots, kMaxCoef)
+MAX_RANK = 256
+MAX_SLOTS = 256
+MAX_COEF = 4096
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_kernels = None  # torch.ops.routedlora_cuda once built, or a stand-in set by use_kernels()
+_stand_in = False
+
+
+def is_available(device: Optional[torch.device] = None) -> bool:
+    """Everything the backend needs is here (it may still have to be built on first use)."""
+    return _stand_in or cuda_build.unavailable_reason(device) is None
+
+
+def require(device=None) -> None:
+    """Build and load the kernels if needed; raise ``CudaBackendUnavailable`` saying why not."""
+    global _kernels
+    if _stand_in:
+        return
+    cuda_build.load(device)
+    if _kernels is None:
+        _kernels = torch.ops.routedlora_cuda
+
+
+@contextlib.contextmanager
+def use_kernels(kernels):
+    """Serve the ``routedlora_cuda`` ops from ``kernels`` (tests: the host emulator of csrc/)."""
+    global _kernels, _stand_in
+    prev = (_kernels, _stand_in)
+    _kernels, _stand_in = kernels, True
+    try:
+        yield
+    finally:
+        _kernels, _stand_in = prev
+
+
+def coverage() -> dict:
+    """Which implementation serves each part of this backend."""
+    return {
+        "forward, N <= %d tokens" % DECODE_MAX_TOKENS: "cuda: csrc/decode.cu (routedlora_cuda::decode_forward)",
+        "forward, more tokens": "triton kernels",
+        "backward": "triton kernels",
+        "token grouping, N <= %d" % GROUP_MAX_TOKENS: "cuda: csrc/group_rows.cu (routedlora_cuda::group_by_row)",
+        "token grouping, more tokens": "torch sort",
+        "routers poly/softmax/topk/mta": "triton kernels",
+        "router cpoly": "torch",
+    }
+
+
+def decode_eligible(N: int, A: Tensor, B: Tensor, idx: Tensor, dtype, combine: str) -> bool:
+    h, m, dh, r = A.shape
+    K = idx.shape[2]
+    return (N <= DECODE_MAX_TOKENS and dtype in SUPPORTED_DTYPES and 1 <= r <= MAX_RANK and K <= MAX_SLOTS
+            and K * r <= MAX_COEF and B.shape[3] >= 1 and (combine == "params" or h == 1))
+
+
+def _meta(route_ids: Tensor, R: int):
+    if route_ids.shape[0] <= GROUP_MAX_TOKENS:
+        return _kernels.group_by_row(route_ids, R)
+    return triton_backend._routing_meta(route_ids, R)
+
+
+@torch.library.custom_op("routedlora::cuda_forward", mutates_args=())
+def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+    return triton_backend.forward_impl(x, A, B, idx, w, route_ids, base, scale, combine,
+                                       _meta(route_ids, idx.shape[0]))
+
+
+@_forward_op.register_fake
+def _(x, A, B, idx, w, route_ids, base, scale, combine):
+    N, r, K = x.shape[0], A.shape[3], idx.shape[2]
+    y = x.new_empty(N, A.shape[0] * B.shape[-1])
+    saved = x.new_empty((N, r) if combine == "params" else (N, K, r), dtype=torch.float32)
+    return y, saved
+
+
+@torch.library.custom_op("routedlora::cuda_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
+                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
+    return triton_backend.backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine,
+                                        _meta(route_ids, idx.shape[0]))
+
+
+@_backward_op.register_fake
+def _(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
+    return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
+
+
+def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: backend='cuda' takes float16, bfloat16 or float32, got {x.dtype}")
+    x = x.contiguous()
+    if decode_eligible(x.shape[0], A, B, idx, x.dtype, combine):
+        y, saved = _kernels.decode_forward(x, A, B, idx, w, route_ids, base, float(scale), combine == "params")
+        return y, saved
+    return _forward_op(x, A, B, idx, w, route_ids, base, float(scale), combine)
+
+
+def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
+    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, idx, w, route_ids, ctx, float(scale), combine)
+    need_x, need_A, need_B, need_w = needs
+    return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
+
+
+route = triton_backend.route

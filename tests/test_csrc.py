@@ -1,0 +1,363 @@
+"""The CUDA kernels of csrc/ and the ``cuda`` backend.
+
+Without a GPU the kernels run in the host emulator (``csrc/emulate``: every CUDA thread a
+host thread, real barriers, warp intrinsics through a slot exchange) and the backend's
+Triton parts in the Triton interpreter. On a GPU the same checks run on the real build.
+
+Tolerances, relative to the largest magnitude of a float64 reference: float32 1e-5,
+float16 and bfloat16 1e-2 (inputs rounded to 16 bits, float32 accumulation, one
+rounding of the output). The emulator does bfloat16 arithmetic exactly as the GPU
+kernels do (convert, then float32), so bfloat16 is tested here too.
+"""
+import itertools
+
+import pytest
+import torch
+
+import routedlora
+from routedlora import cuda_build, routers
+from routedlora.backends import available_backends, resolve_backend
+from routedlora.cuda_build import CudaBackendUnavailable
+from routedlora.ops import cuda_backend, routed_lora, torch_backend, triton_backend
+
+import csrc_emulator
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+EMU_REASON = csrc_emulator.unavailable_reason()
+needs_emulator = pytest.mark.skipif(EMU_REASON is not None, reason=f"csrc emulator: {EMU_REASON}")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+def gpu_reason():
+    return cuda_build.unavailable_reason(torch.device("cuda")) if ON_GPU else "no CUDA device"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The routedlora_cuda ops: the real build on a GPU, the host emulator elsewhere."""
+    if ON_GPU:
+        reason = gpu_reason()
+        if reason is not None:
+            pytest.skip(reason)
+        cuda_build.load(torch.device("cuda"))
+        return torch.ops.routedlora_cuda
+    if EMU_REASON is not None:
+        pytest.skip(f"csrc emulator: {EMU_REASON}")
+    csrc_emulator.library()
+    return csrc_emulator
+
+
+def rel_err(got, ref):
+    scale = ref.double().abs().max().clamp_min(1e-6)
+    return ((got.double() - ref.double()).abs().max() / scale).item()
+
+
+def make(N, d, o, r, h, m, R, K, dtype, seed=0, route_ids=None, with_base=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    A = torch.randn(h, m, d // h, r, generator=g) * d ** -0.5
+    B = torch.randn(h, m, r, o // h, generator=g) * r ** -0.5
+    idx = torch.randint(0, m, (R, h, K), generator=g)
+    w = torch.rand(R, h, K, generator=g) + 0.1
+    if route_ids is None:
+        route_ids = torch.randint(0, R, (N,), generator=g)
+    base = torch.randn(N, o, generator=g) if with_base else None
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)
+    return cast(x), cast(A), cast(B), idx.to(DEVICE), w.to(DEVICE), route_ids.to(DEVICE), cast(base)
+
+
+def reference(x, A, B, idx, w, route_ids, base, scale, combine):
+    """float64 torch backend on the same (rounded) inputs: (y, saved activation)."""
+    d64 = lambda t: None if t is None else t.detach().cpu().double()
+    xs, As = d64(x), d64(A)
+    y, u = torch_backend.forward(xs, As, d64(B), idx.cpu(), d64(w), route_ids.cpu(), scale, combine, d64(base))
+    if combine == "outputs":  # z (N, K, r) = x A_idx per slot, unweighted
+        u = torch.einsum("nd,nkdr->nkr", xs, As[0][idx.cpu()[route_ids.cpu(), 0]])
+    return y, u
+
+
+def check_decode(kernels, N, d, o, r, h, m, R, K, combine, dtype, splits=None, **kw):
+    x, A, B, idx, w, rid, base = make(N, d, o, r, h, m, R, K, dtype, **kw)
+    if splits is not None and kernels is csrc_emulator:
+        y, saved = kernels.decode_forward(x, A, B, idx, w, rid, base, 0.5, combine == "params", splits=splits)
+    else:
+        y, saved = kernels.decode_forward(x, A, B, idx, w, rid, base, 0.5, combine == "params")
+    y_ref, u_ref = reference(x, A, B, idx, w, rid, base, 0.5, combine)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert saved.dtype == torch.float32 and saved.shape == u_ref.shape
+    if y_ref.numel():
+        assert rel_err(y.cpu(), y_ref) <= TOL[dtype], "y"
+        assert rel_err(saved.cpu(), u_ref) <= TOL[dtype], "saved"
+
+
+# --- decode kernels against the float64 reference ------------------------------------
+
+
+@pytest.mark.parametrize("h,combine", [(1, "params"), (2, "params"), (4, "params"), (1, "outputs")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_heads_combines_dtypes(kernels, h, combine, dtype):
+    check_decode(kernels, N=5, d=44, o=20, r=3, h=h, m=5, R=3, K=3, combine=combine, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", [
+    dict(N=1, d=12, o=8, r=1, h=1, m=3, R=1, K=1),          # one token, r=1, K=1
+    dict(N=3, d=37, o=29, r=5, h=1, m=4, R=2, K=4),         # nothing a multiple of anything
+    dict(N=2, d=300, o=260, r=16, h=1, m=8, R=2, K=8),      # o spans several 128-column blocks
+    dict(N=4, d=64, o=16, r=256, h=1, m=2, R=4, K=2),       # the largest rank (P = 1 row phase)
+    dict(N=6, d=18, o=6, r=2, h=2, m=4, R=1, K=2),          # every token on one row
+    dict(N=0, d=16, o=8, r=4, h=2, m=3, R=2, K=2),          # empty batch
+    dict(N=4, d=16, o=8, r=4, h=1, m=3, R=9, K=2),          # unused rows
+])
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_decode_odd_sizes(kernels, case, combine):
+    if combine == "outputs" and case["h"] != 1:
+        pytest.skip("outputs takes one head")
+    check_decode(kernels, combine=combine, dtype=torch.float32, **case)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 40])
+def test_decode_any_split_of_d(kernels, splits):
+    if kernels is not csrc_emulator:
+        pytest.skip("the split count is chosen by the binding on a GPU")
+    # 40 splits of 37 rows: empty tail splits must add nothing
+    check_decode(kernels, N=3, d=37, o=11, r=4, h=1, m=3, R=2, K=2, combine="params", dtype=torch.float32,
+                 splits=splits)
+    check_decode(kernels, N=3, d=37, o=11, r=4, h=1, m=3, R=2, K=2, combine="outputs", dtype=torch.float32,
+                 splits=splits)
+
+
+def test_decode_duplicate_skills_and_no_base(kernels):
+    x, A, B, idx, w, rid, _ = make(4, 20, 10, 3, 2, 4, 2, 3, torch.float32)
+    idx[:] = 1  # every slot the same skill: weights add up
+    for params in (True, False):
+        if not params:
+            A, B, idx, w = A[:1], B[:1], idx[:, :1], w[:, :1]
+            x = x[:, :10]
+        y, _ = kernels.decode_forward(x, A, B, idx, w, rid, None, 0.5, params)
+        ref, _ = reference(x, A, B, idx, w, rid, None, 0.5, "params" if params else "outputs")
+        assert rel_err(y.cpu(), ref) <= 1e-5
+
+
+def test_decode_bad_indices_poison_only_their_tokens(kernels):
+    x, A, B, idx, w, rid, base = make(4, 16, 8, 2, 1, 3, 3, 2, torch.float32)
+    rid[:] = torch.tensor([0, 7, 2, 1])  # token 1: routing row out of range
+    idx[2, 0, 1] = 5                      # token 2: its row names a skill out of range
+    y, _ = kernels.decode_forward(x, A, B, idx, w, rid, base, 0.5, True)
+    bad = torch.tensor([False, True, True, False], device=y.device)
+    assert torch.isnan(y[bad]).all()
+    ok_rid, ok_idx = rid.clone(), idx.clone()
+    ok_rid[1], ok_idx[2, 0, 1] = 0, 0
+    ref, _ = reference(x, A, B, ok_idx, w, ok_rid, base, 0.5, "params")
+    assert rel_err(y[~bad].cpu(), ref[~bad.cpu()]) <= 1e-5
+
+
+# --- token grouping ----------------------------------------------------------------------
+
+
+def expected_groups(rid, R):
+    rid = rid.cpu().long()
+    key = torch.where((rid >= 0) & (rid < R), rid, torch.full_like(rid, R))
+    order = torch.argsort(key, stable=True)
+    offs = torch.searchsorted(key[order], torch.arange(R + 1))
+    return order, rid[order], offs
+
+
+@pytest.mark.parametrize("N,R,kind", [
+    (0, 3, "random"), (1, 1, "random"), (37, 5, "random"), (1500, 7, "random"),   # > 1 chunk of 1024
+    (2100, 3, "sorted"), (900, 1, "random"), (300, 4500, "random"),               # R >= 4096: global counters
+    (64, 64, "each"), (50, 6, "invalid"), (40, 0, "invalid"),
+])
+def test_group_by_row(kernels, N, R, kind):
+    g = torch.Generator().manual_seed(N + R)
+    if kind == "sorted":
+        rid = torch.sort(torch.randint(0, R, (N,), generator=g)).values
+    elif kind == "each":
+        rid = torch.randperm(N, generator=g)
+    else:
+        rid = torch.randint(0, max(R, 1), (N,), generator=g)
+    if kind == "invalid" and N:
+        rid[::7] = R + 3
+        rid[3::11] = -2
+    order, srows, offs = kernels.group_by_row(rid.to(DEVICE), R)
+    e_order, e_srows, e_offs = expected_groups(rid, R)
+    assert torch.equal(order.cpu(), e_order)
+    assert torch.equal(srows.cpu(), e_srows)
+    assert torch.equal(offs.cpu(), e_offs)
+
+
+def test_group_by_row_matches_triton_metadata(kernels):
+    rid = torch.randint(0, 9, (333,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = kernels.group_by_row(rid, 9)
+    want = triton_backend._routing_meta(rid, 9)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+# --- the cuda backend, end to end --------------------------------------------------------
+
+
+@pytest.fixture
+def cuda_kernels(kernels):
+    """routed_lora(backend='cuda') served by ``kernels`` (and the Triton interpreter off GPU)."""
+    if not triton_backend.is_available(torch.device(DEVICE)):
+        pytest.skip("triton not installed")
+    if ON_GPU:
+        yield kernels
+    else:
+        with cuda_backend.use_kernels(kernels):
+            yield kernels
+
+
+def run_op(backend, x, A, B, idx, w, rid, base, combine, cot):
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B, w)]
+    y = routed_lora(leaves[0], leaves[1], leaves[2], idx, leaves[3], rid, scale=0.5, combine=combine, base=base,
+                    backend=backend)
+    grads = torch.autograd.grad((y.float() * cot.float()).sum(), leaves)
+    return [y] + list(grads)
+
+
+@pytest.mark.parametrize("N", [1, 9, 64, 65, 150])
+@pytest.mark.parametrize("h,combine", [(1, "params"), (2, "params"), (1, "outputs")])
+def test_backend_forward_and_gradients(cuda_kernels, N, h, combine):
+    x, A, B, idx, w, rid, base = make(N, 24, 12, 3, h, 4, 5, 2, torch.float32, seed=N)
+    cot = torch.randn(N, 12, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = run_op("torch", x, A, B, idx, w, rid, base, combine, cot)
+    got = run_op("cuda", x, A, B, idx, w, rid, base, combine, cot)
+    for name, a, b in zip(["y", "dx", "dA", "dB", "dw"], got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 2e-5, name
+
+
+def test_backend_coverage_and_eligibility():
+    cov = cuda_backend.coverage()
+    assert any("csrc/decode.cu" in v for v in cov.values())
+    assert cov["backward"] == "triton kernels"
+    A = torch.empty(1, 4, 8, 300)
+    B = torch.empty(1, 4, 300, 8)
+    idx = torch.empty(2, 1, 2, dtype=torch.long)
+    assert not cuda_backend.decode_eligible(4, A, B, idx, torch.float32, "params")  # r > 256
+    assert not cuda_backend.decode_eligible(65, A[..., :8], B[:, :, :8], idx, torch.float32, "params")
+    assert cuda_backend.decode_eligible(64, A[..., :8], B[:, :, :8], idx, torch.float16, "params")
+    assert not cuda_backend.decode_eligible(64, A[..., :8], B[:, :, :8], idx, torch.float64, "params")
+
+
+def test_backend_large_rank_takes_the_triton_path(cuda_kernels):
+    x, A, B, idx, w, rid, base = make(3, 8, 4, 260, 1, 2, 2, 1, torch.float32)
+    cot = torch.randn(3, 4).to(DEVICE)
+    ref = run_op("torch", x, A, B, idx, w, rid, base, "params", cot)
+    got = run_op("cuda", x, A, B, idx, w, rid, base, "params", cot)
+    for a, b in zip(got, ref):
+        assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 2e-5
+
+
+def test_backend_rejects_float64(cuda_kernels):
+    x, A, B, idx, w, rid, base = make(3, 8, 4, 2, 1, 2, 2, 1, torch.float64)
+    with pytest.raises(TypeError, match="x: backend='cuda'"):
+        routed_lora(x, A, B, idx, w.double(), rid, backend="cuda")
+
+
+@pytest.mark.parametrize("router", ["poly", "mta"])
+def test_layers_on_cuda_match_torch(cuda_kernels, router):
+    """Decode-sized forward (CUDA) and a training step (triton) of a layer, against torch."""
+    torch.manual_seed(0)
+    kw = dict(n_tasks=3, n_skills=4, r=2, router=router, dropout=0.0)
+    if router == "mta":
+        kw.update(n_specific=1, n_shared=1, top_k=1)
+    layers = {}
+    for backend in ("torch", "cuda"):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(16, 8).to(DEVICE)
+        cls = routedlora.MTALinear if router == "mta" else routedlora.RoutedLoraLinear
+        layers[backend] = cls(lin, routedlora.RoutedLoraConfig(target_modules=["x"], backend=backend, **kw)).to(DEVICE)
+        with torch.no_grad():
+            for p in layers[backend].parameters():
+                if p.requires_grad:
+                    p.normal_(generator=torch.Generator(device=DEVICE).manual_seed(p.numel()))
+        layers[backend].eval()
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    tasks = torch.tensor([2, 0], device=DEVICE)
+    outs, grads = {}, {}
+    for backend, layer in layers.items():
+        outs[backend] = layer(x, task_ids=tasks)
+        outs[backend].square().sum().backward()
+        grads[backend] = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert rel_err(outs["cuda"].detach().cpu(), outs["torch"].detach().cpu()) <= 2e-5
+    assert any(g is not None for g in grads["cuda"])
+    for a, b in zip(grads["cuda"], grads["torch"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a.cpu(), b.cpu()) <= 2e-5
+
+
+# --- refusing clearly ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda_naming_the_reason():
+    reason = cuda_build.unavailable_reason()
+    assert reason is not None and "backend='cuda'" in reason
+    assert not cuda_backend.is_available(torch.device("cpu"))
+    assert "cuda" not in available_backends(torch.device("cpu"))
+    with pytest.raises(CudaBackendUnavailable, match="backend='cuda'"):
+        resolve_backend("cuda", torch.device("cpu"))
+    x = torch.randn(2, 4)
+    with pytest.raises(CudaBackendUnavailable):
+        routed_lora(x, torch.randn(1, 2, 4, 2), torch.randn(1, 2, 2, 3), torch.zeros(1, 1, 1, dtype=torch.long),
+                    torch.ones(1, 1, 1), torch.zeros(2, dtype=torch.long), backend="cuda")
+
+
+def test_cpu_tensors_refused_even_with_cuda_torch(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    reason = cuda_build.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "CUDA tensors" in reason
+
+
+def test_cpu_torch_reason_names_the_build(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CUDA build of torch" in cuda_build.unavailable_reason()
+
+
+def test_build_key_names_versions_and_sources(monkeypatch):
+    monkeypatch.setattr(cuda_build, "_archs", lambda: ["9.0"])
+    key = cuda_build.build_key()
+    assert torch.__version__.replace("+", "_") in key and "sm90" in key
+    assert key.endswith(cuda_build._source_digest())
+
+
+# --- compile check (CI runs this with the machine's nvcc) ------------------------------
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
+def test_every_cu_file_compiles_clean_for_sm80_and_sm90a():
+    results = cuda_build.compile_check()
+    names = [what for what, _, _ in results]
+    for src in cuda_build.kernel_sources():
+        for arch in cuda_build.COMPILE_CHECK_ARCHS:
+            assert f"{src.name} [{arch}]" in names
+    failed = [(what, out) for what, bad, out in results if bad]
+    assert not failed, "\n\n".join(f"{what}:\n{out}" for what, out in failed)
+
+
+# --- on a GPU only ------------------------------------------------------------------------
+
+
+@needs_gpu
+def test_gpu_decode_under_compile_and_cuda_graphs(kernels):
+    if gpu_reason() is not None:
+        pytest.skip(gpu_reason())
+    x, A, B, idx, w, rid, base = make(8, 64, 32, 4, 2, 4, 6, 2, torch.bfloat16)
+    f = lambda x: routed_lora(x, A, B, idx, w, rid, scale=0.5, base=base, backend="cuda", validate=False)
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)(x)
+    assert rel_err(compiled.float().cpu(), eager.float().cpu()) <= 1e-2
+    static_x = x.clone()
+    f(static_x)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f(static_x)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.float().cpu(), f(x * 2).float().cpu()) <= 1e-2
