@@ -40,8 +40,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(case: LayerCase, device: torch.device, *, seq_len: int, warmup: int, reps: int,
-             max_seconds: float, axis: str = "base", peers_wanted=None, progress=None) -> List[dict]:
-    """Every peer on one case; ``axis`` names the swept field this case varies (for the plots)."""
+             max_seconds: float, axis: str = "base", peers_wanted=None, progress=None,
+             modes=MODES) -> List[dict]:
+    """Every peer on one case; ``axis`` names the swept field this case varies (for the plots).
+
+    ``modes``: ``("fwd",)`` for decode latency (no autograd), or both modes.
+    """
     inp = LayerInputs(case, device, seq_len)
     peers = layer_peers(device, case)
     if peers_wanted:
@@ -68,7 +72,7 @@ def run_case(case: LayerCase, device: torch.device, *, seq_len: int, warmup: int
             except Exception as e:
                 errors[name] = f"{type(e).__name__}: {e}"
                 continue
-        for mode in MODES:
+        for mode in modes:
             _set_mode(peer, mode != "fwd")
             row = dict(level="layer", peer=name, mode=mode, axis=axis, **case.as_dict(), seqs=inp.seqs,
                        positions=inp.pos, rel_err_vs_reference=rel_err)

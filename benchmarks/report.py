@@ -11,7 +11,7 @@ def _fmt(v, spec=".3g"):
 
 
 def _case_label(r: dict) -> str:
-    return (f"N={r['tokens']} T={r['tasks']} h={r['heads']} m={r['skills']} r={r['rank']} "
+    return (("decode " if r.get("axis") == "decode" else "") + f"N={r['tokens']} T={r['tasks']} h={r['heads']} m={r['skills']} r={r['rank']} "
             f"d={r['d']} o={r['o']} {r['dtype']}")
 
 
@@ -38,6 +38,19 @@ def markdown(result: dict) -> str:
                          f"{_fmt(r['min_ms'])}–{_fmt(r['max_ms'])} | {_fmt(r.get('overhead'), '+.2f')} | "
                          f"{_fmt(r.get('x_peft_poly'), '.2f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} | "
                          f"{_fmt(r.get('rel_err_vs_reference'), '.1e')} |")
+        lines.append("")
+    grouping = [r for r in result["rows"] if r["level"] == "grouping"]
+    if grouping:
+        lines += ["## Routing metadata: tokens grouped by routing row (median ms)", "",
+                  "| pattern | tokens | rows | peer | median ms | ×torch | same result |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
+        for r in grouping:
+            if "median_ms" not in r:
+                lines.append(f"| {r['pattern']} | {r['tokens']} | {r['rows']} | {r['peer']} | "
+                             f"error: {r.get('error', '')[:80]} | | |")
+                continue
+            lines.append(f"| {r['pattern']} | {r['tokens']} | {r['rows']} | {r['peer']} | {_fmt(r['median_ms'])} | "
+                         f"{_fmt(r.get('x_torch'), '.2f')} | {r.get('matches_torch')} |")
         lines.append("")
     model = [r for r in result["rows"] if r["level"] == "model"]
     if model:

@@ -2,10 +2,12 @@
 
     python -m benchmarks.run                  # detects the device, picks the profile
     python -m benchmarks.run --quick          # the base cases only
-    python -m benchmarks.run --only layer     # or: --only model
+    python -m benchmarks.run --only layer     # or: --only model | decode | grouping
 
 On a GPU (profile ``gpu``): layer sweeps around d=o=4096, r=16, m=8, h=4, 16k tokens,
-64 tasks, bf16, and Llama-style models of ~100M and ~1B parameters. On a CPU
+64 tasks, bf16; decode-shaped calls (1, 8, 64 tokens of one position each, 1 and 64
+tasks, forward only: decode latency); the routing-metadata kernel against torch's sort;
+and Llama-style models of ~100M and ~1B parameters. On a CPU
 (profile ``cpu``): small sizes, finishing in a few minutes, and every timing is a
 CPU timing that says nothing about GPU speed. Writes ``<out>/<stem>.json``, ``.md``
 and PNG plots.
@@ -29,7 +31,7 @@ if not torch.cuda.is_available():
     # first imported: set it before peft/transformers (which may import triton) load.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import layer_bench, model_bench  # noqa: E402
+from . import grouping_bench, layer_bench, model_bench  # noqa: E402
 from .peers import LayerCase  # noqa: E402
 from .report import write_all  # noqa: E402
 
@@ -39,6 +41,13 @@ GPU_LAYER_AXES = {"tokens": [1, 8, 64, 512, 4096, 65536], "tasks": [1, 8, 256, 1
 CPU_LAYER_BASE = LayerCase(tokens=1024, tasks=8, heads=2, skills=4, rank=8, d=256, o=256, dtype="float32")
 CPU_LAYER_AXES = {"tokens": [1, 8, 64, 256, 4096, 16384], "tasks": [1, 64, 256, 1024], "heads": [1, 4],
                   "skills": [16], "rank": [1, 32], "d": [512], "dtype": ["bfloat16"]}
+
+# decode: every token its own sequence at one position (seq_len 1); tasks <= tokens
+DECODE_POINTS = [(1, 1), (8, 1), (8, 8), (64, 1), (64, 64)]
+GPU_DECODE = [LayerCase(tokens=t, tasks=k, heads=h, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16")
+              for h in (1, 4) for t, k in DECODE_POINTS]
+CPU_DECODE = [LayerCase(tokens=t, tasks=k, heads=1, skills=4, rank=8, d=128, o=128, dtype="float32")
+              for t, k in DECODE_POINTS]
 
 GPU_MODELS = [
     model_bench.ModelCase("llama-100m", 768, 2048, 12, 12, 12, 32000, batch=16, seq=512, new_tokens=32, tasks=64,
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quick", action="store_true", help="base cases only")
-    p.add_argument("--only", choices=["layer", "model"], help="run one level only")
+    p.add_argument("--only", choices=["layer", "decode", "grouping", "model"], help="run one suite only")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -118,13 +127,18 @@ def main(argv=None) -> int:
     if not gpu:
         print(CPU_NOTE)
     base = GPU_LAYER_BASE if gpu else CPU_LAYER_BASE
-    cases = _layer_cases(base, GPU_LAYER_AXES if gpu else CPU_LAYER_AXES, args.quick) if args.only != "model" else []
-    models = (GPU_MODELS if gpu else CPU_MODELS)[: 1 if args.quick else None] if args.only != "layer" else []
+    wants = (lambda suite: args.only in (None, suite))
+    cases = _layer_cases(base, GPU_LAYER_AXES if gpu else CPU_LAYER_AXES, args.quick) if wants("layer") else []
+    decode = (GPU_DECODE if gpu else CPU_DECODE) if wants("decode") and not args.quick else []
+    grouping = wants("grouping") and not args.quick
+    models = (GPU_MODELS if gpu else CPU_MODELS)[: 1 if args.quick else None] if wants("model") else []
     timing = dict(warmup=5, reps=30, max_seconds=5.0) if gpu else dict(warmup=2, reps=10, max_seconds=2.0)
 
     from tqdm import tqdm
 
     total = (sum(len(layer_bench.layer_peers(device, c)) for _, c in cases) * len(layer_bench.MODES)
+             + sum(len(layer_bench.layer_peers(device, c)) for c in decode)
+             + (grouping_bench.n_runs(device) if grouping else 0)
              + len(models) * len(model_bench.model_peers(device)) * 2)
     rows = []
     t0 = time.time()
@@ -134,6 +148,13 @@ def main(argv=None) -> int:
                                 f"r={case.rank} d={case.d} {case.dtype}")
             rows += layer_bench.run_case(case, device, seq_len=256 if gpu else 64, axis=axis, progress=bar,
                                          **timing)
+        for case in decode:
+            bar.set_description(f"decode N={case.tokens} T={case.tasks} h={case.heads}")
+            rows += layer_bench.run_case(case, device, seq_len=1, axis="decode", progress=bar, modes=("fwd",),
+                                         **timing)
+        if grouping:
+            bar.set_description("routing metadata")
+            rows += grouping_bench.run(device, progress=bar, **timing)
         for mc in models:
             bar.set_description(f"model {mc.name}")
             rows += model_bench.run_case(mc, device, progress=bar, **timing)
@@ -153,7 +174,7 @@ def main(argv=None) -> int:
 
 
 def _summary(rows, base: LayerCase) -> None:
-    head = [r for r in rows if r["level"] == "layer" and "median_ms" in r
+    head = [r for r in rows if r["level"] == "layer" and "median_ms" in r and r.get("axis") != "decode"
             and all(r[k] == v for k, v in base.as_dict().items())]
     if head:
         print(f"\nbase case: N={base.tokens} tokens, {base.tasks} tasks, h={base.heads}, m={base.skills}, "
@@ -163,6 +184,15 @@ def _summary(rows, base: LayerCase) -> None:
             ov = "—" if r.get("overhead") is None else f"{r['overhead']:+.2f}"
             xp = "—" if r.get("x_peft_poly") is None else f"{r['x_peft_poly']:.2f}"
             print(f"{r['peer']:22} {r['mode']:8} {r['median_ms']:10.3f} {ov:>9} {xp:>9}")
+    decode = [r for r in rows if r.get("axis") == "decode" and "median_ms" in r]
+    if decode:
+        print("\ndecode latency (forward, one position per sequence): ms, overhead over the base")
+        for r in decode:
+            print(f"  N={r['tokens']:<3} T={r['tasks']:<3} h={r['heads']} {r['peer']:30} {r['median_ms']:9.4f} ms "
+                  + ("" if r.get("overhead") is None else f"{r['overhead']:+.2f}"))
+    for r in (r for r in rows if r["level"] == "grouping" and "median_ms" in r):
+        print(f"grouping {r['pattern']:12} N={r['tokens']:<6} {r['peer']:30} {r['median_ms']:9.4f} ms"
+              + ("" if r.get("x_torch") is None else f"  x{r['x_torch']:.2f} torch"))
     model = [r for r in rows if r["level"] == "model" and "tokens_per_s" in r]
     for r in model:
         vs = r.get("speed_vs_peft_poly")
