@@ -31,3 +31,9 @@ def test_quick_run_writes_json_table_and_plots(tmp_path, capsys):
     md = json_path.with_suffix(".md").read_text()
     assert "## Layer" in md and "| routedlora[torch] |" in md and "## Model" in md
     assert list(tmp_path.glob("*.png"))
+
+
+def test_grouping_suite_runs_and_reports(tmp_path):
+    assert run.main(["--only", "grouping", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "Routing metadata" in md and "torch sort chain" in md

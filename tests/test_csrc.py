@@ -9,13 +9,13 @@ float16 and bfloat16 1e-2 (inputs rounded to 16 bits, float32 accumulation, one
 rounding of the output). The emulator does bfloat16 arithmetic exactly as the GPU
 kernels do (convert, then float32), so bfloat16 is tested here too.
 """
-import itertools
+import os
 
 import pytest
 import torch
 
 import routedlora
-from routedlora import cuda_build, routers
+from routedlora import cuda_build
 from routedlora.backends import available_backends, resolve_backend
 from routedlora.cuda_build import CudaBackendUnavailable
 from routedlora.ops import cuda_backend, routed_lora, torch_backend, triton_backend
@@ -151,6 +151,24 @@ def test_decode_bad_indices_poison_only_their_tokens(kernels):
     ok_rid[1], ok_idx[2, 0, 1] = 0, 0
     ref, _ = reference(x, A, B, ok_idx, w, ok_rid, base, 0.5, "params")
     assert rel_err(y[~bad].cpu(), ref[~bad.cpu()]) <= 1e-5
+
+
+@pytest.mark.skipif(EMU_REASON is not None, reason=f"csrc emulator: {EMU_REASON}")
+def test_kernels_race_free_under_thread_sanitizer(tmp_path):
+    """The emulator runs CUDA threads as host threads: ThreadSanitizer then finds accesses
+    that no barrier orders (a missing __syncthreads or __syncwarp), as racecheck would."""
+    import subprocess
+
+    exe = tmp_path / "race_driver"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-DRL_EMULATE",
+                            f"-I{csrc_emulator.cuda_include()}", str(csrc_emulator.CSRC / "emulate" / "race_driver.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True)
+    if build.returncode != 0 and "tsan" in build.stderr.lower():
+        pytest.skip("this g++ has no ThreadSanitizer runtime")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[:4000]
+    assert run.returncode == 0, run.stdout + run.stderr[:2000]
 
 
 # --- token grouping ----------------------------------------------------------------------
@@ -317,6 +335,60 @@ def test_cpu_tensors_refused_even_with_cuda_torch(monkeypatch):
 def test_cpu_torch_reason_names_the_build(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "CUDA build of torch" in cuda_build.unavailable_reason()
+
+
+def _pretend_cuda_machine(monkeypatch, capability=(9, 0)):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Old GPU")
+
+
+def test_reason_names_a_missing_ninja(monkeypatch):
+    from torch.utils import cpp_extension
+
+    _pretend_cuda_machine(monkeypatch)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert "pip install ninja" in cuda_build.unavailable_reason(torch.device("cuda"))
+
+
+def test_reason_names_a_missing_toolkit(monkeypatch):
+    from torch.utils import cpp_extension
+
+    _pretend_cuda_machine(monkeypatch)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
+    reason = cuda_build.unavailable_reason(torch.device("cuda"))
+    assert "nvcc" in reason and "CUDA_HOME" in reason
+
+
+def test_reason_names_an_old_gpu(monkeypatch):
+    _pretend_cuda_machine(monkeypatch, capability=(7, 5))
+    assert "Old GPU is 7.5" in cuda_build.unavailable_reason(torch.device("cuda"))
+
+
+def test_failed_build_is_reported_once_and_not_retried(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cuda_build, "unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(cuda_build, "_archs", lambda: ["9.0"])
+    monkeypatch.setattr(cuda_build, "_loaded", False)
+    monkeypatch.setattr(cuda_build, "_failure", None)
+    monkeypatch.setenv("ROUTEDLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    calls = []
+
+    def broken(**kw):
+        calls.append(dict(kw, arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST")))
+        raise RuntimeError("nvcc: error in decode.cu")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    for _ in range(2):
+        with pytest.raises(CudaBackendUnavailable, match="building csrc/ failed.*decode.cu"):
+            cuda_build.load()
+    assert len(calls) == 1
+    assert calls[0]["build_directory"].startswith(str(tmp_path)) and calls[0]["is_python_module"] is False
+    assert calls[0]["arch_list"] == "9.0" and "TORCH_CUDA_ARCH_LIST" not in os.environ  # built for this GPU, restored
 
 
 def test_build_key_names_versions_and_sources(monkeypatch):

@@ -8,8 +8,11 @@ with the same seed the two runs see the same noise and the same batches.
 Stated tolerance (float32): the per-step losses agree to 1e-5 relative over the first 100
 steps (measured ~1e-7: only the summation order differs — PEFT materialises each example's
 mixed adapter, routedlora works in rank space); after that the rounding differences are
-amplified by Adam, so over all 300 steps the curves, averaged over windows of 25 steps, agree
-to 2e-3 relative (measured 3.5e-4) and every step to 1e-2 (measured 1.8e-3). Both runs learn.
+amplified by Adam, chaotically and by an amount that depends on the CPU's BLAS kernels: over
+all 300 steps the curves, averaged over windows of 25 steps, agree to 3e-2 relative and every
+step to 1e-1 (measured 3.5e-4 and 1.8e-3 on one CI machine, 8.2e-3 and 2.8e-2 on an AMD EPYC
+with the same torch 2.13.0 and peft 0.21.2). The strict check is the first 100 steps. Both
+runs learn.
 Runs on the torch backend on the CPU and on every available backend on a GPU.
 """
 import copy
@@ -27,7 +30,7 @@ peft = pytest.importorskip("peft")
 STEPS, BATCH, LR = 300, 8, 1e-2
 TASKS = ["copy", "reverse", "shift"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-EARLY_RTOL, WINDOW_RTOL, STEP_RTOL = 1e-5, 2e-3, 1e-2
+EARLY_RTOL, WINDOW_RTOL, STEP_RTOL = 1e-5, 3e-2, 1e-1
 HIDDEN, LAYERS = 64, 2
 
 
