@@ -28,6 +28,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // An index out of range (route_ids outside [0, R), idx outside [0, m)) is never
 // dereferenced: that token's outputs are set to NaN.
 int64_t decode_part_numel(int64_t N, int64_t h, int64_t K, int64_t r, int64_t splits, bool params);
+// Tokens per block (they share the block's loads of A and B through L1), and splits of
+// d/h (enough blocks to fill `sm_count` SMs twice).
+int64_t decode_tokens_per_block(int64_t N);
 int64_t decode_splits(int64_t N, int64_t h, int64_t dh, int sm_count);
 // Largest rank the decode kernels take (one block holds a row of every rank column).
 constexpr int kDecodeMaxRank = 256;

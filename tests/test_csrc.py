@@ -109,6 +109,7 @@ def test_decode_heads_combines_dtypes(kernels, h, combine, dtype):
     dict(N=6, d=18, o=6, r=2, h=2, m=4, R=1, K=2),          # every token on one row
     dict(N=0, d=16, o=8, r=4, h=2, m=3, R=2, K=2),          # empty batch
     dict(N=4, d=16, o=8, r=4, h=1, m=3, R=9, K=2),          # unused rows
+    dict(N=19, d=20, o=12, r=2, h=2, m=3, R=4, K=2),        # token groups of 8, 8 and 3
 ])
 @pytest.mark.parametrize("combine", ["params", "outputs"])
 def test_decode_odd_sizes(kernels, case, combine):

@@ -53,6 +53,7 @@ int main() {
   int bad = 0;
   bad += decode_case(3, 2, 4, 20, 3, 7, 2, 2, 3, true, gen);
   bad += decode_case(2, 1, 3, 33, 5, 130, 3, 3, 2, false, gen);
+  bad += decode_case(11, 1, 3, 9, 2, 5, 4, 2, 2, true, gen);  // two token groups
   bad += group_case(1100, 5, gen);     // two chunks, shared counters
   bad += group_case(200, 4200, gen);   // counters in global scratch
   std::printf("race driver: %d refused launches\n", bad);
