@@ -214,17 +214,21 @@ def compile_check(archs: Sequence[str] = COMPILE_CHECK_ARCHS, bindings: bool = T
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("no nvcc on PATH or under CUDA_HOME")
-    results = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in kernel_sources():
             for arch in archs:
                 obj = Path(tmp) / f"{src.stem}-{arch}.o"
                 cmd = [nvcc, "-c", *NVCC_FLAGS, *NVCC_WARNINGS, f"-arch={arch}", f"-I{csrc_dir()}", str(src),
                        "-o", str(obj)]
-                failed, out = _run(cmd)
-                results.append((f"{src.name} [{arch}]", failed, out))
-        if bindings:
-            results.append(_check_bindings(tmp))
+                jobs.append((f"{src.name} [{arch}]", cmd))
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            outs = list(pool.map(lambda job: _run(job[1]), jobs))
+            results = [(name, failed, out) for (name, _), (failed, out) in zip(jobs, outs)]
+            if bindings:
+                results.append(_check_bindings(tmp))
     return results
 
 

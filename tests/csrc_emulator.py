@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -117,3 +117,39 @@ def group_by_row(route_ids, R: int):
     if err:
         raise RuntimeError(f"group_by_row: launch refused (cudaError {err})")
     return order, srows, offs
+
+
+# --- the same two functions as torch custom ops, so torch.compile can trace the backend ---
+
+
+@torch.library.custom_op("routedlora_emu::decode_forward", mutates_args=())
+def _decode_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+               route_ids: torch.Tensor, base: Optional[torch.Tensor], scale: float,
+               params: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return decode_forward(x, A, B, idx, w, route_ids, base, scale, params)
+
+
+@_decode_op.register_fake
+def _(x, A, B, idx, w, route_ids, base, scale, params):  # mirrors decode_forward_meta in bindings.cpp
+    N, r, K = x.shape[0], A.shape[3], idx.shape[2]
+    return x.new_empty(N, A.shape[0] * B.shape[3]), x.new_empty((N, r) if params else (N, K, r),
+                                                                 dtype=torch.float32)
+
+
+@torch.library.custom_op("routedlora_emu::group_by_row", mutates_args=())
+def _group_op(route_ids: torch.Tensor, R: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_by_row(route_ids, R)
+
+
+@_group_op.register_fake
+def _(route_ids, R):  # mirrors group_by_row_meta in bindings.cpp
+    N = route_ids.shape[0]
+    new = lambda *s: route_ids.new_empty(*s, dtype=torch.int64)  # noqa: E731
+    return new(N), new(N), new(R + 1)
+
+
+class ops:
+    """Stand-in for ``torch.ops.routedlora_cuda`` (for ``cuda_backend.use_kernels``)."""
+
+    decode_forward = staticmethod(_decode_op)
+    group_by_row = staticmethod(_group_op)

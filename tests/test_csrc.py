@@ -9,6 +9,7 @@ float16 and bfloat16 1e-2 (inputs rounded to 16 bits, float32 accumulation, one
 rounding of the output). The emulator does bfloat16 arithmetic exactly as the GPU
 kernels do (convert, then float32), so bfloat16 is tested here too.
 """
+import contextlib
 import os
 
 import pytest
@@ -247,6 +248,24 @@ def test_backend_forward_and_gradients(cuda_kernels, N, h, combine):
     for name, a, b in zip(["y", "dx", "dA", "dB", "dw"], got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 2e-5, name
+
+
+@pytest.mark.parametrize("N", [6, 80])
+def test_backend_under_torch_compile(kernels, N):
+    """The backend traces whole (fullgraph) through the ops' fake/meta implementations."""
+    if not triton_backend.is_available(torch.device(DEVICE)):
+        pytest.skip("triton not installed")
+    x, A, B, idx, w, rid, base = make(N, 16, 8, 2, 2, 3, 3, 2, torch.float32)
+    A.requires_grad_(True)
+    f = lambda x, A: routed_lora(x, A, B, idx, w, rid, scale=0.5, base=base, backend="cuda", validate=False)
+    with (contextlib.nullcontext() if ON_GPU else cuda_backend.use_kernels(csrc_emulator.ops)):
+        eager = f(x, A)
+        (g_eager,) = torch.autograd.grad(eager.square().sum(), A)
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")(x, A)
+        (g_comp,) = torch.autograd.grad(compiled.square().sum(), A)
+    assert rel_err(compiled.detach().cpu(), eager.detach().cpu()) <= 1e-5
+    assert rel_err(g_comp.cpu(), g_eager.cpu()) <= 1e-5
 
 
 def test_backend_coverage_and_eligibility():
