@@ -119,6 +119,14 @@ def test_decode_odd_sizes(kernels, case, combine):
     check_decode(kernels, combine=combine, dtype=torch.float32, **case)
 
 
+@pytest.mark.parametrize("combine", ["params", "outputs"])
+def test_decode_at_the_issue_point(kernels, combine):
+    """d = o = 4096, r = 16, m = 8 dense (Poly), bf16, 64 tokens of 64 tasks: chunks of
+    exactly the 1024-row shared stage, 32 column blocks, 8 token groups."""
+    check_decode(kernels, N=64, d=4096, o=4096, r=16, h=1, m=8, R=64, K=8, combine=combine,
+                 dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5, 40])
 def test_decode_any_split_of_d(kernels, splits):
     if kernels is not csrc_emulator:
@@ -453,3 +461,11 @@ def test_gpu_decode_under_compile_and_cuda_graphs(kernels):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out.float().cpu(), f(x * 2).float().cpu()) <= 1e-2
+
+
+def test_cpu_tensors_refused_after_a_build(monkeypatch):
+    """Once built, CPU tensors are still refused by name, not by the dispatcher."""
+    monkeypatch.setattr(cuda_build, "_loaded", True)
+    monkeypatch.setattr(cuda_backend, "_stand_in", False)
+    with pytest.raises(CudaBackendUnavailable, match="backend='cuda'"):
+        resolve_backend("cuda", torch.device("cpu"))

@@ -59,6 +59,8 @@ def require(device=None) -> None:
     global _kernels
     if _stand_in:
         return
+    if device is not None and torch.device(device).type != "cuda":  # also once the build is loaded
+        raise cuda_build.CudaBackendUnavailable(cuda_build.unavailable_reason(device))
     cuda_build.load(device)
     if _kernels is None:
         _kernels = torch.ops.routedlora_cuda
