@@ -17,11 +17,14 @@
 // one slot per split: the expand adds them in a fixed order, so the result does not
 // depend on scheduling (no atomics).
 //
-// Expand, grid (N / group, h, oh / threads): for each of its tokens, block (g, q, c) sums the partials into the token's
-// rank-space activation, scales it by the routing weights into K*r coefficients in shared
-// memory, and gives each thread one output column: sum over slots and rank of
-// coefficient * B[q, skill, rank, column] (B rows are contiguous in the column, so the
-// loads coalesce), plus the base output, rounded once.
+// Expand, grid (N / group, h, oh / 32): for each of its tokens, block (g, q, c) sums the
+// partials into the token's rank-space activation (a warp per value, a fixed-order shuffle
+// sum), scales it by the routing weights into K*r coefficients in shared memory, and
+// computes 32 output columns: lane = column, each of the 8 warps a slice of the K*r terms
+// of coefficient * B[q, skill, rank, column] (a warp reads 32 contiguous columns of one B
+// row), the slices added in a fixed order, plus the base output, rounded once. Splitting
+// the terms over warps keeps many loads in flight when there are few tokens (one token:
+// 128 blocks of 8 warps for o = 4096, each thread K*r/8 loads).
 #include "common.cuh"
 #include "routedlora_kernels.h"
 
@@ -29,7 +32,8 @@ namespace routedlora {
 namespace {
 
 constexpr int kShrinkThreads = 256;
-constexpr int kExpandThreads = 128;
+constexpr int kExpandThreads = 256;
+constexpr int kExpandWarps = kExpandThreads / 32;  // each a slice of the K*r terms of 32 columns
 constexpr int64_t kMaxChunk = 1024;      // rows of d/h staged in shared memory per block
 constexpr int64_t kMaxCoef = 4096;       // K * r coefficients held in shared memory (2 x 16 KiB)
 constexpr int64_t kMaxSlots = 256;       // K
@@ -114,58 +118,66 @@ decode_expand_kernel(const float* __restrict__ part, const T* __restrict__ B, co
   __shared__ float act[kMaxCoef];   // rank-space activation: r (params) or K * r (outputs)
   __shared__ float coef[kMaxCoef];  // scale * w * activation, per slot and rank column
   __shared__ int64_t skill[kMaxSlots];
+  __shared__ float red[kExpandWarps][32];
   const int64_t q = blockIdx.y;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * group;
   const int64_t n1 = n0 + group < N ? n0 + group : N;
   const int t = threadIdx.x;
+  const int lane = t & 31;
+  const int warp = t >> 5;
   const int64_t J = PARAMS ? 1 : K;
-  const int64_t c = static_cast<int64_t>(blockIdx.z) * kExpandThreads + t;
+  const int64_t sources = PARAMS ? splits * h : splits;  // partials that add up to one activation value
+  const int64_t c = static_cast<int64_t>(blockIdx.z) * 32 + lane;
 
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = route_ids[n];
     const bool row_ok = row >= 0 && row < R;
-    // params: u sums every head's partials (the heads split d, so x Â adds over them)
-    for (int64_t e = t; e < J * r; e += kExpandThreads) {
+    // one warp per activation value, its lanes over the partials, a fixed-order shuffle sum.
+    // params: u adds every head's partials (the heads split d, so x Â adds over them)
+    for (int64_t e = warp; e < J * r; e += kExpandWarps) {
       float sum = 0.f;
-      for (int64_t s = 0; s < splits; ++s) {
-        if (PARAMS) {
-          for (int64_t qq = 0; qq < h; ++qq) sum += part[((s * h + qq) * N + n) * r + e];
-        } else {
-          sum += part[(s * N + n) * J * r + e];
-        }
+      for (int64_t src = lane; src < sources; src += 32) {
+        sum += PARAMS ? part[(src * N + n) * r + e] : part[(src * N + n) * J * r + e];
       }
-      act[e] = sum;
-      if (q == 0 && blockIdx.z == 0) saved[n * J * r + e] = sum;
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) {
+        act[e] = sum;
+        if (q == 0 && blockIdx.z == 0) saved[n * J * r + e] = sum;
+      }
     }
     for (int64_t j = t; j < K; j += kExpandThreads) {
       const int64_t k = row_ok ? idx[(row * h + q) * K + j] : -1;
       skill[j] = (k >= 0 && k < m) ? k : -1;
     }
     __syncthreads();
-    for (int64_t e = t; e < K * r; e += kExpandThreads) {
-      const int64_t j = e / r;
-      const float a = PARAMS ? act[e % r] : act[e];
+    // 32-bit: K * r <= kMaxCoef, and 64-bit division would be a call per term
+    const int terms = static_cast<int>(K * r), rank = static_cast<int>(r);
+    for (int e = t; e < terms; e += kExpandThreads) {
+      const int j = e / rank;
+      const float a = PARAMS ? act[e % rank] : act[e];
       coef[e] = skill[j] >= 0 ? scale * w[(row * h + q) * K + j] * a : quiet_nan();
     }
     __syncthreads();
 
+    // lane = output column, warp = a slice of the K*r (slot, rank) terms: every warp keeps
+    // its own loads of B in flight, and the slices are added in a fixed order
+    float acc = 0.f;
     if (c < oh) {
-      float acc = row_ok ? 0.f : quiet_nan();
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t k = skill[j];
-        if (k < 0) {
-          acc = quiet_nan();
-          continue;
-        }
-        const T* b = B + (q * m + k) * r * oh + c;
-        const float* cj = coef + j * r;
-        for (int64_t i = 0; i < r; ++i) acc += cj[i] * to_float(b[i * oh]);
+      for (int e = warp; e < terms; e += kExpandWarps) {
+        const int64_t k = skill[e / rank];
+        acc += k >= 0 ? coef[e] * to_float(B[((q * m + k) * r + e % rank) * oh + c]) : quiet_nan();
       }
-      const int64_t o = n * h * oh + q * oh + c;
-      if (HAS_BASE) acc += to_float(base[o]);
-      y[o] = from_float<T>(acc);
     }
-    __syncthreads();  // act, coef and skill are refilled for the next token
+    red[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && c < oh) {
+      float sum = row_ok ? 0.f : quiet_nan();
+      for (int s = 0; s < kExpandWarps; ++s) sum += red[s][lane];
+      const int64_t o = n * h * oh + q * oh + c;
+      if (HAS_BASE) sum += to_float(base[o]);
+      y[o] = from_float<T>(sum);
+    }
+    __syncthreads();  // act, coef, skill and red are refilled for the next token
   }
 }
 
@@ -182,7 +194,7 @@ cudaError_t launch_typed(const void* x, const void* A, const void* B, const int6
             static_cast<const T*>(A), idx, w, route_ids, part, N, h, m, dh, r, R, K, chunk, group);
   cudaError_t err = RL_LAST_ERROR();
   if (err != cudaSuccess) return err;
-  const dim3 grid(groups, h, cdiv(oh, kExpandThreads));
+  const dim3 grid(groups, h, cdiv(oh, 32));
   if (base != nullptr) {
     auto expand = decode_expand_kernel<T, PARAMS, true>;
     RL_LAUNCH(expand, grid, dim3(kExpandThreads), stream, part, static_cast<const T*>(B), idx, w, route_ids,
@@ -244,7 +256,7 @@ cudaError_t launch_decode_forward(DType dtype, const void* x, const void* A, con
   // the expand writes y and saved: a launch that could not write them is refused
   if (r < 1 || oh < 1 || r > kDecodeMaxRank || K < 0 || K > kMaxSlots || K * r > kMaxCoef || splits < 1 ||
       cdiv(dh, splits) > kMaxChunk || N > 0x7fffffff || h > 65535 || splits > 65535 ||
-      cdiv(oh, kExpandThreads) > 65535 || (!params && h != 1))
+      cdiv(oh, 32) > 65535 || (!params && h != 1))
     return cudaErrorInvalidValue;
   if (params)
     return launch_mode<true>(dtype, x, A, B, idx, w, route_ids, base, y, saved, part, N, h, m, dh, r, oh, R, K,
