@@ -51,6 +51,8 @@ def kernels():
 
 
 def rel_err(got, ref):
+    if ref.numel() == 0:
+        return 0.0
     scale = ref.double().abs().max().clamp_min(1e-6)
     return ((got.double() - ref.double()).abs().max() / scale).item()
 
@@ -126,6 +128,22 @@ def test_decode_at_the_issue_point(kernels, combine):
     o = 96 instead of 4096 keeps the emulator (a host thread per CUDA thread) quick."""
     check_decode(kernels, N=64, d=4096, o=96, r=16, h=1, m=8, R=64, K=8, combine=combine,
                  dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decode_random_shapes(kernels, seed):
+    """Random small shapes, K = 0 and h = 3 included, any dtype and combine."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    combine = ["params", "outputs"][pick(0, 1)]
+    h = 1 if combine == "outputs" else pick(1, 3)
+    m = pick(1, 6)
+    case = dict(N=pick(0, 20), d=h * pick(1, 70), o=h * pick(1, 70), r=pick(1, 20), h=h, m=m, R=pick(1, 5),
+                K=pick(0, 4), combine=combine, dtype=[torch.float32, torch.float16, torch.bfloat16][pick(0, 2)],
+                seed=seed, with_base=bool(pick(0, 1)))
+    if kernels is csrc_emulator:
+        case["splits"] = pick(1, 6)
+    check_decode(kernels, **case)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 40])
