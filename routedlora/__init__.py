@@ -6,6 +6,7 @@ from . import ops, routers
 from .backends import BACKENDS, available_backends
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter
 from .config import RoutedLoraConfig
+from .cuda_build import CudaBackendUnavailable
 from .inject import eject, inject, model_config, routed_layers, routing, set_trainable
 from .layer import RoutedLoraLinear
 from .merge import merge, unmerge
@@ -17,7 +18,7 @@ from .routers import Routing
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "MTALinear", "RoutedLoraConfig", "RoutedLoraLinear", "Routing", "adapter_state_dict",
+    "BACKENDS", "CudaBackendUnavailable", "MTALinear", "RoutedLoraConfig", "RoutedLoraLinear", "Routing", "adapter_state_dict",
     "available_backends", "eject", "from_peft", "inject", "load_adapter", "merge", "mhr_mu", "mhr_z",
     "model_config", "mta_stage2", "ops", "param_groups", "routed_layers", "routers", "routing",
     "save_adapter", "set_trainable", "to_peft", "unmerge",
