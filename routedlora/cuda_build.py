@@ -33,8 +33,10 @@ import torch
 COMPILE_CHECK_ARCHS = ("sm_80", "sm_90a")
 MIN_CAPABILITY = (8, 0)
 OPS_NAMESPACE = "routedlora_cuda"
-# nvcc flags shared by the build and the compile check: warnings are errors there
-NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
+# the compile check's nvcc flags: the ones torch.utils.cpp_extension passes to nvcc (its
+# half/bfloat16 operator switches off), at the oldest C++ standard torch builds with
+NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 NVCC_WARNINGS = ("-Xcompiler", "-Wall,-Wextra", "-Werror", "all-warnings", "-Xptxas", "-warn-spills,-warn-lmem-usage")
 
 
