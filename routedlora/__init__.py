@@ -3,10 +3,9 @@
 See README.md for the API and DESIGN.md for the math.
 """
 from . import ops, routers
-from .backends import BACKENDS, available_backends
+from .backends import BACKENDS, CudaBackendUnavailable, available_backends
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter
 from .config import RoutedLoraConfig
-from .cuda_build import CudaBackendUnavailable
 from .inject import eject, inject, model_config, routed_layers, routing, set_trainable
 from .layer import RoutedLoraLinear
 from .merge import merge, unmerge

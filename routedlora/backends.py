@@ -26,6 +26,10 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
+class CudaBackendUnavailable(RuntimeError):
+    """``backend='cuda'`` cannot run here; the message says why and what to do."""
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

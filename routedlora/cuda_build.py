@@ -30,6 +30,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .backends import CudaBackendUnavailable  # noqa: F401  (raised here, defined with the switch)
+
 COMPILE_CHECK_ARCHS = ("sm_80", "sm_90a")
 MIN_CAPABILITY = (8, 0)
 OPS_NAMESPACE = "routedlora_cuda"
@@ -38,10 +40,6 @@ OPS_NAMESPACE = "routedlora_cuda"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 NVCC_WARNINGS = ("-Xcompiler", "-Wall,-Wextra", "-Werror", "all-warnings", "-Xptxas", "-warn-spills,-warn-lmem-usage")
-
-
-class CudaBackendUnavailable(RuntimeError):
-    """``backend='cuda'`` cannot run here; the message says why and what to do."""
 
 
 def csrc_dir() -> Path:
