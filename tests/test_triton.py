@@ -199,7 +199,7 @@ def test_missing_triton_device_is_a_clear_error(monkeypatch):
 ])
 def test_kernel_routers_match_torch_routers(kind, kw, noise):
     g = torch.Generator().manual_seed(5)
-    T, h, m, R = 5, 2, 7, 9
+    T, h, m = 5, 2, 7  # and 9 routing rows below
     logits = torch.randn(T, h, m, generator=g).to(DEVICE).requires_grad_(True)
     rows_task = torch.tensor([0, 3, 3, 1, 4, 0, 3, 2, 2]).to(DEVICE)  # tasks repeat: their gradients add up
     row_example = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 5]).to(DEVICE)  # per-token rows share an example's noise

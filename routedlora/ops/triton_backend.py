@@ -366,7 +366,7 @@ def _route_op(logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Opti
 
 @_route_op.register_fake
 def _(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset):
-    R, (T, h, m) = rows_task.shape[0], logits.shape
+    R, (_, h, m) = rows_task.shape[0], logits.shape
     K = m if kind in ("poly", "softmax") else k
     return (logits.new_empty(R, h, K, dtype=torch.int64), logits.new_empty(R, h, K, dtype=torch.float32))
 
