@@ -183,7 +183,7 @@ def _torch_includes() -> List[str]:
     return cpp_extension.include_paths()
 
 
-def _nvcc_include() -> Optional[str]:
+def cuda_include_dir() -> Optional[str]:
     """The toolkit's include folder (nvcc may be a wrapper script outside the toolkit)."""
     from torch.utils import cpp_extension
 
@@ -234,7 +234,7 @@ def compile_check(archs: Sequence[str] = COMPILE_CHECK_ARCHS, bindings: bool = T
 
 def _check_bindings(tmp: str) -> tuple:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    cuda_inc = _nvcc_include()
+    cuda_inc = cuda_include_dir()
     if cxx is None or cuda_inc is None:
         return ("bindings.cpp [syntax]", True, "no host C++ compiler or no CUDA include folder")
     includes = _torch_includes()

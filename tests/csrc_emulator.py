@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from routedlora import cuda_build
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 EMULATED_SMS = 4  # few blocks: the emulator runs blocks one after another
@@ -27,15 +29,7 @@ _lib = None
 
 def cuda_include() -> Optional[str]:
     """The toolkit's include dir (for cuda_fp16.h and friends), or None."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_fp16.h").exists():
-            return str(Path(root) / "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = Path(nvcc).resolve().parent.parent / "include"
-        if (inc / "cuda_fp16.h").exists():
-            return str(inc)
-    return None
+    return cuda_build.cuda_include_dir()
 
 
 def unavailable_reason() -> Optional[str]:

@@ -249,7 +249,8 @@ def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_i
 
 
 @_forward_op.register_fake
-def _(x, A, B, idx, w, route_ids, base, scale, combine):
+def forward_fake(x, A, B, idx, w, route_ids, base, scale, combine):
+    """Output shapes of the forward (also the cuda backend's): ``y (N, o)``, float32 activation."""
     N, r, K = x.shape[0], A.shape[3], idx.shape[2]
     y = x.new_empty(N, A.shape[0] * B.shape[-1])
     saved = x.new_empty((N, r) if combine == "params" else (N, K, r), dtype=torch.float32)
@@ -306,7 +307,7 @@ def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: 
 
 
 @_backward_op.register_fake
-def _(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
+def backward_fake(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
     return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
 
 
