@@ -11,8 +11,24 @@ def _fmt(v, spec=".3g"):
 
 
 def _case_label(r: dict) -> str:
-    return (("decode " if r.get("axis") == "decode" else "") + f"N={r['tokens']} T={r['tasks']} h={r['heads']} m={r['skills']} r={r['rank']} "
-            f"d={r['d']} o={r['o']} {r['dtype']}")
+    return (("decode " if r.get("axis") == "decode" else "") + f"N={r['tokens']} T={r['tasks']} h={r['heads']} "
+            f"m={r['skills']} r={r['rank']} d={r['d']} o={r['o']} {r['dtype']}")
+
+
+def _table(head: List[str], columns: str, rows: List[dict], keys, values) -> List[str]:
+    """A markdown section: ``head`` lines, a header of ``columns`` ("name:align | ..."), then per
+    row its ``keys(r)`` cells and either ``values(r)`` or the row's error."""
+    names, aligns = zip(*(c.strip().rsplit(":", 1) for c in columns.split("|")))
+    lines = head + ["| " + " | ".join(names) + " |", "| " + " | ".join("---:" if a == "r" else "---"
+                                                                         for a in aligns) + " |"]
+    for r in rows:
+        cells = keys(r)
+        if "median_ms" in r:
+            cells += values(r)
+        else:
+            cells += [f"error: {r.get('error', '')[:80]}"] + [""] * (len(names) - len(cells) - 1)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -22,51 +38,32 @@ def markdown(result: dict) -> str:
              f"- torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, peft {env.get('peft')}, "
              f"transformers {env.get('transformers')}, commit {env.get('git_commit')}",
              f"- profile: {env['profile']}; {env['note']}", ""]
-    layer = [r for r in result["rows"] if r["level"] == "layer"]
-    if layer:
-        lines += ["## Layer: one routed nn.Linear (median ms; ratios in the same run)", "",
-                  "overhead = (t − t_base) / t_base; ×PEFT Poly = t / t_PEFT Poly; rel err = ‖y − y_ref‖/‖y_ref‖ "
-                  "against routedlora's reference, eval mode.", "",
-                  "| case | mode | peer | median ms | min–max | overhead | ×PEFT Poly | peak MB | rel err |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in layer:
-            if "median_ms" not in r:
-                lines.append(f"| {_case_label(r)} | {r['mode']} | {r['peer']} | error: {r.get('error', '')[:80]} "
-                             "| | | | | |")
-                continue
-            lines.append(f"| {_case_label(r)} | {r['mode']} | {r['peer']} | {_fmt(r['median_ms'])} | "
-                         f"{_fmt(r['min_ms'])}–{_fmt(r['max_ms'])} | {_fmt(r.get('overhead'), '+.2f')} | "
-                         f"{_fmt(r.get('x_peft_poly'), '.2f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} | "
-                         f"{_fmt(r.get('rel_err_vs_reference'), '.1e')} |")
-        lines.append("")
-    grouping = [r for r in result["rows"] if r["level"] == "grouping"]
-    if grouping:
-        lines += ["## Routing metadata: tokens grouped by routing row (median ms)", "",
-                  "| pattern | tokens | rows | peer | median ms | ×torch | same result |",
-                  "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
-        for r in grouping:
-            if "median_ms" not in r:
-                lines.append(f"| {r['pattern']} | {r['tokens']} | {r['rows']} | {r['peer']} | "
-                             f"error: {r.get('error', '')[:80]} | | |")
-                continue
-            lines.append(f"| {r['pattern']} | {r['tokens']} | {r['rows']} | {r['peer']} | {_fmt(r['median_ms'])} | "
-                         f"{_fmt(r.get('x_torch'), '.2f')} | {r.get('matches_torch')} |")
-        lines.append("")
-    model = [r for r in result["rows"] if r["level"] == "model"]
-    if model:
-        lines += ["## Model: Llama-style decoder, routed LoRA on all attention and MLP projections", "",
-                  "| model | step | peer | median ms | tokens/s | ×PEFT LoRA | ×PEFT Poly | ms/new token | peak MB |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in model:
-            if "median_ms" not in r:
-                lines.append(f"| {r['name']} | {r['mode']} | {r['peer']} | error: {r.get('error', '')[:80]} "
-                             "| | | | | |")
-                continue
-            lines.append(f"| {r['name']} | {r['mode']} | {r['peer']} | {_fmt(r['median_ms'])} | "
-                         f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r.get('speed_vs_peft_lora'), '.2f')} | "
-                         f"{_fmt(r.get('speed_vs_peft_poly'), '.2f')} | {_fmt(r.get('ms_per_new_token'))} | "
-                         f"{_fmt(r.get('peak_mem_mb'), '.0f')} |")
-        lines.append("")
+    level = lambda name: [r for r in result["rows"] if r["level"] == name]  # noqa: E731
+    if level("layer"):
+        lines += _table(
+            ["## Layer: one routed nn.Linear (median ms; ratios in the same run)", "",
+             "overhead = (t − t_base) / t_base; ×PEFT Poly = t / t_PEFT Poly; rel err = ‖y − y_ref‖/‖y_ref‖ "
+             "against routedlora's reference, eval mode.", ""],
+            "case:l | mode:l | peer:l | median ms:r | min–max:r | overhead:r | ×PEFT Poly:r | peak MB:r | rel err:r",
+            level("layer"), lambda r: [_case_label(r), r["mode"], r["peer"]],
+            lambda r: [_fmt(r["median_ms"]), f"{_fmt(r['min_ms'])}–{_fmt(r['max_ms'])}",
+                       _fmt(r.get("overhead"), "+.2f"), _fmt(r.get("x_peft_poly"), ".2f"),
+                       _fmt(r.get("peak_mem_mb"), ".0f"), _fmt(r.get("rel_err_vs_reference"), ".1e")])
+    if level("grouping"):
+        lines += _table(
+            ["## Routing metadata: tokens grouped by routing row (median ms)", ""],
+            "pattern:l | tokens:r | rows:r | peer:l | median ms:r | ×torch:r | same result:l",
+            level("grouping"), lambda r: [r["pattern"], str(r["tokens"]), str(r["rows"]), r["peer"]],
+            lambda r: [_fmt(r["median_ms"]), _fmt(r.get("x_torch"), ".2f"), str(r.get("matches_torch"))])
+    if level("model"):
+        lines += _table(
+            ["## Model: Llama-style decoder, routed LoRA on all attention and MLP projections", ""],
+            "model:l | step:l | peer:l | median ms:r | tokens/s:r | ×PEFT LoRA:r | ×PEFT Poly:r | ms/new token:r | "
+            "peak MB:r",
+            level("model"), lambda r: [r["name"], r["mode"], r["peer"]],
+            lambda r: [_fmt(r["median_ms"]), _fmt(r["tokens_per_s"], ".0f"), _fmt(r.get("speed_vs_peft_lora"), ".2f"),
+                       _fmt(r.get("speed_vs_peft_poly"), ".2f"), _fmt(r.get("ms_per_new_token")),
+                       _fmt(r.get("peak_mem_mb"), ".0f")])
     return "\n".join(lines)
 
 
