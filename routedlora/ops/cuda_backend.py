@@ -1,4 +1,8 @@
-"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` where they beat Triton, Triton elsewhere.
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` where they are expected to beat Triton, Triton elsewhere.
+
+"Expected": no GPU has run them yet. ``python -m benchmarks.run --only decode`` and
+``--only grouping`` measure them against the Triton path; ``DECODE_MAX_TOKENS`` and
+``GROUP_MAX_TOKENS`` are to be set from those crossovers.
 
 Same contract as :mod:`routedlora.ops.torch_backend`. What serves each part
 (:func:`coverage` returns the same as a dict):
@@ -20,7 +24,7 @@ so either backward can follow either forward.
 
 Requirements, checked before anything is built (:func:`routedlora.cuda_build.unavailable_reason`):
 a CUDA build of torch, a device of compute capability 8.0 or newer, nvcc, ninja and
-triton. ``backend="cuda"`` raises :class:`~routedlora.cuda_build.CudaBackendUnavailable`
+triton. ``backend="cuda"`` raises :class:`~routedlora.backends.CudaBackendUnavailable`
 naming what is missing; it never falls back silently. ``backend="auto"`` does not pick
 it until it has been validated and measured on a GPU.
 """
