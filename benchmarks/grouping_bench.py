@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from .timing import measure
+from .timing import interleaved
 
 TOKENS = (64, 512, 4096, 16384, 65536)
 
@@ -44,33 +44,34 @@ def peers(device: torch.device) -> Dict[str, object]:
     return out
 
 
-def run(device: torch.device, *, warmup: int, reps: int, max_seconds: float, progress=None) -> List[dict]:
+def run(device: torch.device, *, rounds: int, min_sample_s: float, max_seconds: float, progress=None) -> List[dict]:
     rows = []
     fns = peers(device)
     for pattern in ("per-sequence", "mixed"):
         for N in TOKENS:
             rid, R = _ids(N, pattern, device)
             want = fns["torch sort chain"](rid, R)
-            times = {}
+            timed, out = {}, []
             for name, fn in fns.items():
                 row = dict(level="grouping", peer=name, pattern=pattern, tokens=N, rows=R)
                 try:
                     got = fn(rid, R)
                     row["matches_torch"] = all(torch.equal(a, b) for a, b in zip(got, want))
-                    row.update(measure(lambda: fn(rid, R), device, warmup=warmup, reps=reps,
-                                       max_seconds=max_seconds))
-                    times[name] = row["median_ms"]
+                    timed[name] = (lambda fn=fn: fn(rid, R))
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
-                rows.append(row)
-                if progress is not None:
-                    progress.update(1)
-            ref = times.get("torch sort chain")
-            for row in rows[-len(fns):]:
-                if ref and row.get("median_ms"):
-                    row["x_torch"] = row["median_ms"] / ref
+                out.append(row)
+            res = interleaved(timed, device, rounds=rounds, min_sample_s=min_sample_s, max_seconds=max_seconds)
+            for row in out:
+                if row["peer"] in timed:
+                    row.update(res.stats(row["peer"]))
+                    q = res.ratio(row["peer"], "torch sort chain")
+                    row["x_torch"] = q and q["median"]
+            rows += out
+            if progress is not None:
+                progress.update(1)
     return rows
 
 
 def n_runs(device: torch.device) -> int:
-    return 2 * len(TOKENS) * len(peers(device))
+    return 2 * len(TOKENS)

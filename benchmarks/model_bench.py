@@ -1,21 +1,22 @@
 """Model level: a training step and generate() of a Llama-style decoder built from a config.
 
-Routed LoRA goes on every attention and MLP projection. Peers: single-LoRA PEFT,
-PEFT Poly, each routedlora backend available, and (generate only) the bare model.
+Routed LoRA goes on the projections a case names. Peers: single-LoRA PEFT, PEFT Poly,
+each routedlora backend available, and (generate only) the bare model, all timed in the
+same interleaved rounds (``speed_vs_<peer>`` is a median of same-round time ratios).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 import routedlora
 
-from .peers import DTYPES, by_mode, peft_available, routedlora_backends
-from .timing import measure, peak_memory_mb
+from .peers import DTYPES, peft_available, routedlora_backends
+from .timing import interleaved, peak_memory_mb, quartiles
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ class ModelCase:
     rank: int
     route_heads: int
     dtype: str
+    targets: Tuple[str, ...] = ALL_PROJECTIONS
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["targets"] = ",".join(self.targets)
+        return d
 
 
 def _model(case: ModelCase, device):
@@ -61,12 +65,12 @@ def _randomize_adapters(model) -> None:
 def _with_routedlora(backend: str) -> Callable:
     def build(case: ModelCase, device):
         model = _model(case, device)
-        cfg = routedlora.RoutedLoraConfig(target_modules=TARGETS, n_tasks=case.tasks, n_skills=case.skills,
+        cfg = routedlora.RoutedLoraConfig(target_modules=list(case.targets), n_tasks=case.tasks, n_skills=case.skills,
                                           r=case.rank, n_heads=case.route_heads, backend=backend)
         routedlora.inject(model, cfg)
 
         def call(task_ids, fn):
-            with routedlora.routing(model, task_ids, validate=False):
+            with routedlora.routing(model, task_ids):
                 return fn(model)
         return model, call
     return build
@@ -76,7 +80,7 @@ def _with_peft_poly(case: ModelCase, device):
     from peft import PolyConfig, get_peft_model
 
     model = get_peft_model(_model(case, device), PolyConfig(r=case.rank, n_tasks=case.tasks, n_skills=case.skills,
-                                                            n_splits=case.route_heads, target_modules=TARGETS,
+                                                            n_splits=case.route_heads, target_modules=list(case.targets),
                                                             task_type="CAUSAL_LM"))
 
     def call(task_ids, fn):
@@ -87,7 +91,7 @@ def _with_peft_poly(case: ModelCase, device):
 def _with_peft_lora(case: ModelCase, device):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(case, device), LoraConfig(r=case.rank, lora_alpha=1, target_modules=TARGETS,
+    model = get_peft_model(_model(case, device), LoraConfig(r=case.rank, lora_alpha=1, target_modules=list(case.targets),
                                                             task_type="CAUSAL_LM"))
     return model, lambda task_ids, fn: fn(model)
 
@@ -120,64 +124,73 @@ def model_peers(device: torch.device) -> Dict[str, Callable]:
     return peers
 
 
-def run_case(case: ModelCase, device: torch.device, *, warmup: int, reps: int, max_seconds: float,
+def _train_step(model, call, ids, task_ids):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run():
+        loss = call(task_ids, lambda m: m(input_ids=ids, labels=ids).loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def _generate(model, call, prompt, task_ids, new_tokens):
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            call(task_ids, lambda m: m.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                do_sample=False, pad_token_id=0))
+    return run
+
+
+def run_case(case: ModelCase, device: torch.device, *, rounds: int, min_sample_s: float, max_seconds: float,
              progress=None) -> List[dict]:
-    rows = []
+    """A training step (every peer but the bare model) and ``generate()`` (every peer), each step kind
+    timed in interleaved rounds; speeds are medians of same-round ratios."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device)
     prompt = ids[:, : max(1, case.seq // 4)]
     task_ids = (torch.arange(case.batch) % case.tasks).to(device)
+    built, errors = {}, {}
     for name, build in model_peers(device).items():
-        model, call = build(case, device)
-        if name != "base":
-            _randomize_adapters(model)
-        for step in ("train", "generate"):
-            row = dict(level="model", peer=name, mode=step, **case.as_dict())
-            try:
-                if step == "train":
-                    if name == "base":
-                        continue  # nothing to train
-                    model.train()
-                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-                    def run():
-                        loss = call(task_ids, lambda m: m(input_ids=ids, labels=ids).loss)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    tokens = case.batch * case.seq
-                else:
-                    model.eval()
-
-                    def run():
-                        with torch.no_grad():
-                            call(task_ids, lambda m: m.generate(input_ids=prompt, max_new_tokens=case.new_tokens,
-                                                                 min_new_tokens=case.new_tokens, do_sample=False,
-                                                                 pad_token_id=0))
-                    tokens = case.batch * case.new_tokens
-                row.update(measure(run, device, warmup=warmup, reps=reps, max_seconds=max_seconds))
-                row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
-                if step == "generate":
-                    row["ms_per_new_token"] = row["median_ms"] / case.new_tokens
-                row["peak_mem_mb"] = peak_memory_mb(run, device)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"
-            rows.append(row)
-            if progress is not None:
-                progress.update(1)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    _model_ratios(rows)
-    return rows
-
-
-def _model_ratios(rows: List[dict]) -> None:
-    speed = by_mode(rows, "tokens_per_s")
-    for r in rows:
-        tps = r.get("tokens_per_s")
-        if tps is None:
+        try:
+            model, call = build(case, device)
+            if name != "base":
+                _randomize_adapters(model)
+            built[name] = (model, call)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    rows = []
+    for step in ("train", "generate"):
+        fns = {}
+        for name, (model, call) in built.items():
+            if step == "train" and name == "base":
+                continue  # nothing to train
+            fns[name] = (_train_step(model, call, ids, task_ids) if step == "train" else
+                         _generate(model, call, prompt, task_ids, case.new_tokens))
+        tokens = case.batch * (case.seq if step == "train" else case.new_tokens)
+        try:
+            res = interleaved(fns, device, rounds=rounds, min_sample_s=min_sample_s, max_seconds=max_seconds)
+        except Exception as e:
+            rows += [dict(level="model", peer=n, mode=step, **case.as_dict(), error=f"{type(e).__name__}: {e}")
+                     for n in fns]
             continue
-        for peer in ("peft_lora", "peft_poly", "base"):
-            other = speed[r["mode"]].get(peer)
-            r[f"speed_vs_{peer}"] = tps / other if other else None
+        for name in fns:
+            row = dict(level="model", peer=name, mode=step, **case.as_dict(), **res.stats(name))
+            row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
+            if step == "generate":
+                row["ms_per_new_token"] = row["median_ms"] / case.new_tokens
+            for peer in ("peft_lora", "peft_poly", "base"):
+                if peer in res.times and peer != name:
+                    q = quartiles([b / a for a, b in zip(res.times[name], res.times[peer])])
+                    row.update({f"speed_vs_{peer}": q[1], f"speed_vs_{peer}_q1": q[0], f"speed_vs_{peer}_q3": q[2]})
+            row["peak_mem_mb"] = peak_memory_mb(fns[name], device)
+            rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    for name, err in errors.items():
+        rows.append(dict(level="model", peer=name, mode="-", **case.as_dict(), error=err))
+    return rows

@@ -30,12 +30,15 @@ class LayerCase:
     d: int
     o: int
     dtype: str
+    seq_len: int = 0  # tokens per sequence (one routing row each); 0: the profile's default
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def batch_shape(self, seq_len: int) -> Tuple[int, int]:
-        """``(sequences, positions)``: sequences of ``seq_len`` tokens, more if tasks need them."""
+        """``(sequences, positions)``: sequences of ``seq_len`` tokens (the case's own if set), more if
+        tasks need them."""
+        seq_len = self.seq_len or seq_len
         seqs = max(self.tasks, math.ceil(self.tokens / seq_len))
         return seqs, max(1, self.tokens // seqs)
 
@@ -85,6 +88,16 @@ def routedlora_peer(backend: str) -> Callable[[LayerInputs], Callable]:
         return lambda x: layer(x, task_ids=inp.task_ids)
 
     return build
+
+
+def torch_algorithm(inp: LayerInputs, backward: bool) -> str:
+    """The algorithm ``routedlora[torch]`` runs for this case (:func:`routedlora.ops.plan.choose`)."""
+    from routedlora.ops import plan
+
+    c = inp.case
+    shape = plan.Shape(inp.seqs * inp.pos, inp.seqs, c.heads, c.skills, c.skills, c.d, c.o, c.rank,
+                       DTYPES[c.dtype].itemsize, "params")
+    return plan.cheaper(shape, inp.device.type, backward) if inp.pos > 0 else "rank_space"
 
 
 def peft_poly_peer(inp: LayerInputs) -> Callable:

@@ -8,10 +8,10 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .batch import RoutingState, as_task_ids
 from .config import RoutedLoraConfig
 from .layer import RoutedLoraLinear
 from .mta import MTALinear
-from .validation import check_tensor, values_checkable
 
 _CONFIG_ATTR = "_routedlora_config"
 
@@ -109,37 +109,6 @@ def _require_layers(model: nn.Module) -> List[RoutedLoraLinear]:
     return layers
 
 
-class RoutingState:
-    """Task ids of the batch in flight, shared by every routed layer of a model."""
-
-    def __init__(self, task_ids: torch.Tensor, decoding: bool = False):
-        self.task_ids = task_ids
-        self.expand = 1  # sequences per task id inside generate() (beams, samples)
-        self.decoding = decoding  # one-position inputs continue a KV cache (set inside generate())
-        self.cache = {}  # per-layer values computed at prefill and reused while decoding
-        # (start, total): this process holds rows [start, start + B) of a global batch of
-        # `total` sequences; Gumbel noise is drawn for all `total` and sliced (data parallel).
-        self.noise_rows: Optional[Tuple[int, int]] = None
-
-
-def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> torch.Tensor:
-    """Task ids as a long tensor on ``device``, checked against ``[0, n_tasks)``."""
-    if isinstance(task_ids, bool):
-        raise TypeError("task_ids: expected ints or an integer tensor, got bool")
-    ids = task_ids if isinstance(task_ids, torch.Tensor) else torch.as_tensor(task_ids)
-    check_tensor("task_ids", ids, integer=True)
-    if validate and ids.numel():
-        # One check per batch, here rather than in every layer; a sync only when the
-        # ids already live on an accelerator (pass validate=False under CUDA graphs).
-        host = ids if values_checkable(ids) else ids.detach().cpu()
-        lo, hi = int(host.min()), int(host.max())
-        if lo < 0:
-            raise ValueError(f"task_ids: task ids must be >= 0, got {lo}")
-        if hi >= n_tasks:
-            raise ValueError(f"task_ids: task id {hi} out of range: the model has {n_tasks} tasks")
-    return ids.to(device=device, dtype=torch.long)
-
-
 def _expand_factor(model: nn.Module, kwargs: dict) -> int:
     gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     beams = kwargs.get("num_beams") or getattr(gc, "num_beams", None) or 1
@@ -185,6 +154,10 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
                              "route only that task or call routedlora.unmerge(model) first")
     state = RoutingState(ids, decoding)
     state.noise_rows = noise_rows
+    seeded = [layer._noise_step for layer in layers if layer.training and layer.config.seed is not None]
+    if seeded:
+        with torch.no_grad():
+            torch._foreach_add_(seeded, 1)  # a new batch of seeded Gumbel noise
     previous = [layer._state for layer in layers]
     for layer in layers:
         layer._state = state
@@ -193,12 +166,12 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
     if bound is not None:
         def generate(*args, **kwargs):
             state.expand, state.decoding = _expand_factor(model, kwargs), True
-            state.cache.clear()
+            state.clear()
             try:
                 return bound(*args, **kwargs)
             finally:
                 state.expand, state.decoding = 1, decoding
-                state.cache.clear()
+                state.clear()
 
         model.generate = generate
     try:

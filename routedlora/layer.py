@@ -7,18 +7,27 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import RoutedLoraConfig
 from .backends import resolve_backend
+from .batch import BatchRows, as_task_ids, batch_rows
+from .config import RoutedLoraConfig
 from .ops import routed_lora
-from .routers import Routing, cpoly_route, gumbel_uniform, poly_route, softmax_route, topk_route
-from .validation import check_index_range, check_tensor, values_checkable
+from .routers import (Routing, cpoly_route, dense_index, gumbel_uniform, hashed_bits, hashed_uniform, poly_weights,
+                      topk_route)
+from .validation import check_tensor, values_checkable
 
 def _recomputing() -> bool:
-    """True while autograd runs a backward pass: activation checkpointing re-runs forward here."""
+    """True while autograd runs a backward pass: activation checkpointing re-runs forward here.
+
+    Eager only: under ``torch.compile`` a checkpointed region is recomputed from the traced
+    graph, which already holds this forward's task ids and noise counter.
+    """
+    if torch.compiler.is_compiling():
+        return False
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
 
 
+_DENSE_ROUTERS = ("poly", "softmax", "cpoly")
 _NO_TASKS = ("no task ids: call the model inside `with routedlora.routing(model, task_ids):` "
              "or pass task_ids= to the layer")
 
@@ -54,12 +63,13 @@ class RoutedLoraLinear(nn.Module):
         self.merged_task: Optional[int] = None
         self.disabled = False
         self._state = None  # set by routedlora.routing()
-        # What the last forward under grad routed with and where its noise started, so
-        # that a checkpointed forward re-run during backward (after the routing block
-        # may have closed) sees the same tasks and draws the same noise.
+        # What the last forward under grad routed with, so that a checkpointed forward
+        # re-run during backward (after the routing block may have closed) sees the same tasks.
         self._last_state = None
-        self._noise_state: Optional[Tensor] = None
-        self._generator: Optional[torch.Generator] = None
+        # Batch counter of seeded Gumbel noise (config.seed): noise is a pure function of
+        # (seed + layer_index, this counter, example), see routers.hashed_uniform.
+        self.register_buffer("_noise_step", torch.zeros((), dtype=torch.long, device=base_layer.weight.device),
+                             persistent=False)
         # Which adapter parameters train (see routedlora.set_trainable); recipes change it.
         self.trainable_params: Tuple[str, ...] = ("lora_A", "lora_B", "router_logits")
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -123,74 +133,44 @@ class RoutedLoraLinear(nn.Module):
     def scale(self) -> float:
         return self.config.scale
 
-    def _task_ids(self, x: Tensor, task_ids) -> Tensor:
+    def _current_state(self):
+        """The routing block's state; during a checkpointed re-run, the state the forward used."""
         state = self._state
-        if state is None and task_ids is None and _recomputing():
-            state = self._last_state
-        elif state is not None and torch.is_grad_enabled():
+        if state is None and _recomputing():
+            return self._last_state
+        if state is not None and torch.is_grad_enabled():
             self._last_state = state
+        return state
+
+    def _batch(self, x: Tensor, task_ids) -> BatchRows:
+        """This forward's routing rows: the routing block's (built once per batch), or from ``task_ids``."""
+        lead = tuple(x.shape[:-1])
         if task_ids is None:
+            state = self._current_state()
             if state is None:
                 raise ValueError(_NO_TASKS)
-            ids = state.task_ids
-        else:
-            ids = torch.as_tensor(task_ids, device=self.router_logits.device)
-            check_tensor("task_ids", ids, integer=True)
-            check_index_range("task_ids", ids, self.n_tasks, "task id")
-        batch = x.shape[0] if x.dim() > 1 else 1
-        if ids.dim() >= 1 and state is not None and state.expand > 1 and ids.shape[0] * state.expand == batch:
-            # generate() repeats each sequence num_beams times, beams contiguous.
-            ids = ids.repeat_interleave(state.expand, dim=0)
-        return ids.to(self.router_logits.device)
+            return state.rows_for(lead)
+        ids = as_task_ids(task_ids, self.n_tasks, self.router_logits.device)
+        if self.training and self.config.seed is not None and not _recomputing():
+            self.advance_noise()  # a direct call is a batch of its own
+        state = self._state
+        return batch_rows(ids, lead, state.expand if state is not None else 1)
 
-    def _rows(self, x: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
-        """Routing rows of a batch: (task of each row, example of each row, row of each token, B)."""
-        lead = x.shape[:-1]
-        N = math.prod(lead)
-        B = lead[0] if len(lead) >= 1 else 1
-        S = N // B if B else 0
-        dev = ids.device
-        if ids.dim() == 0:
-            ids = ids.expand(B)
-        if ids.shape == lead[:1] or (len(lead) == 0 and ids.numel() == 1):
-            rows_task = ids.reshape(-1)
-            row_example = torch.arange(rows_task.shape[0], device=dev)
-            route_ids = row_example.repeat_interleave(S) if S != 1 else row_example
-        elif ids.shape == lead:
-            rows_task = ids.reshape(-1)
-            row_example = torch.arange(B, device=dev).repeat_interleave(S)
-            route_ids = torch.arange(N, device=dev)
-        else:
-            raise ValueError(f"task_ids: expected a scalar, shape ({B},) (one per sequence) or "
-                             f"{tuple(lead)} (one per token) for input of shape {tuple(x.shape)}, "
-                             f"got shape {tuple(ids.shape)}")
-        return rows_task, row_example, route_ids, B
+    @torch.no_grad()
+    def advance_noise(self) -> None:
+        """Start the next batch of seeded Gumbel noise (:func:`routedlora.routing` calls it once per block)."""
+        self._noise_step.add_(1)
 
-    def _generator_for(self, device) -> Optional[torch.Generator]:
-        if self.config.seed is None:
-            return None
-        if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.config.seed + self.layer_index)
-        return self._generator
-
-    def _noise_generator(self, device) -> Optional[torch.Generator]:
-        """The generator noise is drawn from, rewound to the last forward's state when checkpointing re-runs it."""
-        gen = self._generator_for(device)
-        if gen is not None:
-            if _recomputing() and self._noise_state is not None:
-                gen.set_state(self._noise_state)
-            else:
-                self._noise_state = gen.get_state()
-        return gen
-
-    def _noise(self, B: int, row_example: Tensor, heads: int, skills: int, device) -> Optional[Tensor]:
+    def _noise(self, B: int, row_example: Optional[Tensor], heads: int, skills: int, device) -> Optional[Tensor]:
+        """Uniforms ``(rows, heads, skills)`` behind Gumbel-sigmoid noise, one draw per example."""
         if not (self.training and self.config.gumbel):
             return None
-        gen = self._noise_generator(device)
         rows = self._noise_rows()
-        if rows is None:
-            u = gumbel_uniform((B, heads, skills), generator=gen, device=device)
+        if self.config.seed is not None:
+            u = hashed_uniform(self.config.seed + self.layer_index, self._noise_step, (B, heads, skills),
+                               first_row=rows[0] if rows is not None else 0, device=device)
+        elif rows is None:
+            u = gumbel_uniform((B, heads, skills), device=device)
         else:
             # Data parallel: draw the noise of the whole global batch (same generator
             # state on every rank) and keep this rank's rows, so that each example
@@ -199,15 +179,15 @@ class RoutedLoraLinear(nn.Module):
             if start + B > total:
                 raise ValueError(f"noise_rows: rows [{start}, {start + B}) of this batch exceed the global "
                                  f"batch of {total}")
-            u = gumbel_uniform((total, heads, skills), generator=gen, device=device)[start:start + B]
-        return u if row_example.shape[0] == B else u[row_example]
+            u = gumbel_uniform((total, heads, skills), device=device)[start:start + B]
+        return u if row_example is None else u[row_example]
 
     def _kernel_route(self, rows_task: Tensor, row_example: Tensor) -> Optional[Routing]:
         """Routing in one Triton kernel (backends triton and cuda, routers poly/softmax/topk/mta), else None.
 
-        Gumbel noise then comes from a seed drawn from the layer's generator (or torch's)
-        and Philox keyed by (example, head, skill): the same distribution as the torch
-        routers, not the same draws.
+        Gumbel noise then comes from a seed (hashed from the layer's seed and batch counter, or
+        drawn from torch's generator) and Philox keyed by (example, head, skill): the same
+        distribution as the torch routers, not the same draws.
         """
         cfg = self.config
         if cfg.backend not in ("triton", "cuda") or cfg.router not in ("poly", "softmax", "topk", "mta"):
@@ -216,11 +196,16 @@ class RoutedLoraLinear(nn.Module):
         backend = resolve_backend(cfg.backend, device)
         seed, ex_offset = None, 0
         if cfg.router == "poly" and self.training and cfg.gumbel:
-            gen = self._noise_generator(device)
-            seed = torch.randint(0, 2**62, (1,), generator=gen, device=device, dtype=torch.int64)
+            if cfg.seed is None:
+                seed = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+            else:
+                bits = hashed_bits(cfg.seed + self.layer_index, self._noise_step, 2, device=device)
+                seed = (bits[:1] << 30) ^ bits[1:]
             rows = self._noise_rows()
             ex_offset = rows[0] if rows is not None else 0
         kind = "topk" if cfg.router == "mta" else cfg.router
+        if row_example is None:
+            row_example = torch.arange(rows_task.shape[0], device=device)
         idx, w = backend.route(self.router_logits, rows_task, row_example, kind=kind, seed=seed, k=cfg.top_k,
                                temperature=cfg.temperature, renormalize=cfg.renormalize, ex_offset=ex_offset)
         return Routing(idx, w)
@@ -230,39 +215,50 @@ class RoutedLoraLinear(nn.Module):
         return getattr(state, "noise_rows", None)
 
     def noise_generator_state(self) -> Optional[Tensor]:
-        """State of this layer's own Gumbel-noise generator (``config.seed`` set); ``None`` otherwise.
+        """Batch counter of this layer's seeded Gumbel noise (``config.seed`` set); ``None`` otherwise.
 
         With ``seed=None`` the noise comes from torch's global generator: save that instead.
         """
-        gen = self._generator_for(self.router_logits.device)
-        return None if gen is None else gen.get_state()
+        return None if self.config.seed is None else self._noise_step.detach().cpu().clone()
 
     def set_noise_generator_state(self, state: Tensor) -> None:
         """Restore a state from :meth:`noise_generator_state` (exact resume of seeded noise)."""
-        gen = self._generator_for(self.router_logits.device)
-        if gen is None:
+        if self.config.seed is None:
             raise ValueError("state: this layer has no own noise generator (config.seed is None)")
-        gen.set_state(state)
+        if not isinstance(state, Tensor) or state.dim() != 0 or state.dtype != torch.long:
+            raise ValueError(f"state: expected the 0-d int64 batch counter that noise_generator_state() returns, "
+                             f"got {state if not isinstance(state, Tensor) else (state.dtype, tuple(state.shape))}")
+        with torch.no_grad():
+            self._noise_step.copy_(state)
 
     def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None) -> Routing:
-        """Sparse routing rows for the given task of each row (float32 weights)."""
+        """Sparse routing rows for the given task of each row (float32 weights).
+
+        ``row_example`` maps each row to its example (``None``: row ``ρ`` is example ``ρ``);
+        Gumbel noise (training) is drawn once per example, ``B`` of them.
+        """
+        if B is None:
+            B = rows_task.shape[0] if row_example is None else int(row_example.max()) + 1
+        idx, w = self._route(rows_task, row_example, B)
+        return Routing(dense_index(*w.shape, device=w.device) if idx is None else idx, w)
+
+    def _route(self, rows_task: Tensor, row_example: Optional[Tensor], B: int) -> Tuple[Optional[Tensor], Tensor]:
+        """``(idx, w)`` of the rows; ``idx`` is ``None`` for the dense routers (every skill in order)."""
         cfg = self.config
-        if row_example is None:
-            row_example, B = torch.arange(rows_task.shape[0], device=rows_task.device), rows_task.shape[0]
         routing = self._kernel_route(rows_task, row_example)
         if routing is not None:
-            return routing
-        logits = self.router_logits[rows_task].float()
-        R, h, m = logits.shape
+            return (None if cfg.router in _DENSE_ROUTERS else routing.idx), routing.w
+        _, h, m = self.router_logits.shape
         if cfg.router == "poly":
-            return poly_route(logits, noise=self._noise(B, row_example, h, m, logits.device),
-                              temperature=cfg.temperature)
+            noise = self._noise(B, row_example, h, m, rows_task.device)
+            return None, poly_weights(self.router_logits, noise, cfg.temperature, rows=rows_task)
+        logits = self.router_logits[rows_task].float()
         if cfg.router == "cpoly":
             noise = self._noise(B, row_example, h, cfg.n_skills, logits.device)
-            return cpoly_route(logits, n_common=cfg.n_skills, noise=noise, temperature=cfg.temperature)
+            return None, cpoly_route(logits, n_common=cfg.n_skills, noise=noise, temperature=cfg.temperature).w
         if cfg.router == "softmax":
-            return softmax_route(logits, temperature=cfg.temperature)
-        return topk_route(logits, k=cfg.top_k, temperature=cfg.temperature, renormalize=cfg.renormalize)
+            return None, torch.softmax(logits / cfg.temperature, dim=-1)
+        return tuple(topk_route(logits, k=cfg.top_k, temperature=cfg.temperature, renormalize=cfg.renormalize))
 
     # --- forward -----------------------------------------------------------------
 
@@ -279,30 +275,49 @@ class RoutedLoraLinear(nn.Module):
 
     def forward(self, x: Tensor, task_ids=None) -> Tensor:
         self._check_input(x)
-        result = self.base_layer(x)
         if self.merged_task is not None and task_ids is not None:
             ids = torch.as_tensor(task_ids)
             if values_checkable(ids) and bool((ids != self.merged_task).any()):
                 raise ValueError(f"task_ids: task {self.merged_task} is merged into this layer; route only that "
                                  "task or call routedlora.unmerge first")
         if self.disabled or self.merged_task is not None:
-            return result
-        ids = self._task_ids(x, task_ids)
-        rows_task, row_example, route_ids, B = self._rows(x, ids)
-        # The op adds into the base output in one pass when the dtypes agree.
+            return self.base_layer(x)
+        batch = self._batch(x, task_ids)
+        lead = x.shape[:-1]
+        if self._owns_base(x):
+            # one op computes x Wᵀ + b + γΔ: the delta and, in backward, the adapter's dx are
+            # accumulated into the base linear's buffers
+            base = self.base_layer
+            out = self._routed(x, batch, weight=base.weight, bias=base.bias)
+            return out.view(*lead, self.out_features)
+        result = self.base_layer(x)
+        # The delta is accumulated into the base output when the dtypes agree (not under autocast).
         fused = result.dtype == self.lora_A.dtype
         base = result.reshape(-1, self.out_features) if fused else None
-        out = self._routed(x, rows_task, row_example, route_ids, B, base)
+        out = self._routed(x, batch, base=base)
         return out.view(result.shape) if fused else result + out.view(result.shape).to(result.dtype)
+
+    def _owns_base(self, x: Tensor) -> bool:
+        """Whether the op may compute the base linear itself: a plain ``nn.Linear`` without hooks,
+        one dtype throughout (no autocast), and the same input for base and adapter (no dropout)."""
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+                and x.dtype == base.weight.dtype == self.lora_A.dtype
+                and not torch.is_autocast_enabled(x.device.type)
+                and not (self.training and self.config.dropout > 0))
 
     def _lora_input(self, x: Tensor) -> Tensor:
         return self.dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)
 
-    def _routed(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
-        """``base + γΔ`` (or ``γΔ`` when ``base`` is None) for the flattened tokens."""
-        routing = self.route(rows_task, row_example, B)
-        return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, routing.idx, routing.w, route_ids,
-                           scale=self.scale, combine=self.config.combine, base=base, backend=self.config.backend)
+    def _routed(self, x: Tensor, batch: BatchRows, base: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tensor:
+        """``base + γΔ`` (``x Wᵀ + b + γΔ`` with ``weight``; ``γΔ`` alone without either) for the flattened tokens."""
+        # dense routers weight every skill in order: idx=None spares the op a scatter and a gather
+        idx, w = self._route(batch.rows_task, batch.row_example, batch.n_examples)
+        # ids were checked once per batch and idx/w come from our own router: no per-call checks
+        return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, idx, w, batch.tokens,
+                           scale=self.scale, combine=self.config.combine, base=base, weight=weight, bias=bias,
+                           backend=self.config.backend, validate=False)
 
     # --- merging -----------------------------------------------------------------
 
@@ -318,8 +333,8 @@ class RoutedLoraLinear(nn.Module):
             routing = self.route(rows)
             eye = torch.eye(self.in_features, device=self.lora_A.device, dtype=torch.float32)
             delta = routed_lora(eye, self.lora_A.float(), self.lora_B.float(), routing.idx, routing.w,
-                                torch.zeros(self.in_features, dtype=torch.long, device=eye.device),
-                                scale=self.scale, combine=self.config.combine, backend="torch")
+                                seq_len=self.in_features, scale=self.scale, combine=self.config.combine,
+                                backend="torch")
         finally:
             self.train(training)
         return delta.T

@@ -72,15 +72,17 @@ class MTALinear(RoutedLoraLinear):
         last.bias.zero_()
         last.bias[0] = math.log(_INITIAL_TASK_SHARE * cfg.n_shared / (1 - _INITIAL_TASK_SHARE))
 
-    def _routed(self, x, rows_task, row_example, route_ids, B, base) -> Tensor:
-        routing = self.route(rows_task, row_example, B)
+    def _routed(self, x, batch, base=None, weight=None, bias=None) -> Tensor:
+        routing = self.route(batch.rows_task, batch.row_example, batch.n_examples)
         x2 = self._lora_input(x)
         cfg = self.config
         if self.mta_stage == 1:
-            return routed_lora(x2, self.lora_A, self.lora_B, routing.idx, routing.w, route_ids,
-                               scale=self.scale, combine="outputs", base=base, backend=cfg.backend)
-        if rows_task.shape[0] != B:
+            return routed_lora(x2, self.lora_A, self.lora_B, routing.idx, routing.w, batch.tokens,
+                               scale=self.scale, combine="outputs", base=base, weight=weight, bias=bias,
+                               backend=cfg.backend, validate=False)
+        if batch.row_example is not None:
             raise ValueError("task_ids: MTA stage 2 gates per sequence; pass one task id per sequence")
+        B = batch.n_examples
         alpha = self._gate_weights(x, x2, routing, B)
         m, n_sh = self.lora_A.shape[1], cfg.n_shared
         shared_idx = torch.arange(m, m + n_sh, device=routing.idx.device).expand(B, 1, n_sh)
@@ -90,8 +92,8 @@ class MTALinear(RoutedLoraLinear):
         # that task and shared skills run as one call with per-row weights.
         A = torch.cat([self.lora_A, self.shared_A], dim=1)
         Bm = torch.cat([self.lora_B, self.shared_B], dim=1)
-        return routed_lora(x2, A, Bm, idx, w, route_ids, scale=self.scale, combine="outputs", base=base,
-                           backend=cfg.backend)
+        return routed_lora(x2, A, Bm, idx, w, batch.tokens, scale=self.scale, combine="outputs", base=base,
+                           weight=weight, bias=bias, backend=cfg.backend, validate=False)
 
     def _gate_weights(self, x: Tensor, x2: Tensor, routing, B: int) -> Tensor:
         state = self._state
@@ -102,9 +104,8 @@ class MTALinear(RoutedLoraLinear):
         if decoding and state is not None and key in state.cache and state.cache[key].shape[0] == B:
             return state.cache[key]
         x0 = x2.view(B, -1, self.in_features)[:, 0]  # the [START] position of each sequence
-        first = torch.arange(B, device=x0.device)
-        task_out = routed_lora(x0, self.lora_A, self.lora_B, routing.idx, routing.w, first,
-                               scale=self.scale, combine="outputs", backend=self.config.backend)
+        task_out = routed_lora(x0, self.lora_A, self.lora_B, routing.idx, routing.w, seq_len=1,
+                               scale=self.scale, combine="outputs", backend=self.config.backend, validate=False)
         shared_out = torch.einsum("bd,sdr,sro->bso", x0, self.shared_A[0], self.shared_B[0]) * self.scale
         feats = torch.cat([task_out, shared_out.flatten(1)], dim=-1).to(self.gate[0].weight.dtype)
         alpha = torch.softmax(self.gate(feats).float(), dim=-1)

@@ -7,6 +7,7 @@ logits; indices never carry gradients.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -19,6 +20,9 @@ __all__ = [
     "ROUTERS",
     "dense_index",
     "gumbel_uniform",
+    "poly_weights",
+    "hashed_bits",
+    "hashed_uniform",
     "poly_route",
     "softmax_route",
     "topk_route",
@@ -54,31 +58,134 @@ def gumbel_uniform(shape, *, generator: Optional[torch.Generator] = None, device
     return u.clamp(min=eps, max=1 - eps)
 
 
-def _poly_weights(logits: Tensor, noise: Optional[Tensor], temperature: float) -> Tensor:
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply, 0x45d9f3b) on int64 lanes holding values < 2**32.
+
+    The multiplier is below 2**27, so products stay below 2**59: no int64 overflow, the same
+    bits in eager, in inductor's generated code and on every device.
+    """
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def hashed_bits(seed: int, step: Tensor, n: int, *, first: int = 0, device=None) -> Tensor:
+    """``n`` hashed 32-bit values (int64) for counters ``first … first + n - 1`` of stream (seed, step)."""
+    seed = int(seed)
+    step = step.to(device=device, dtype=torch.int64)
+    k = _mix32(_mix32((seed >> 32) & _MASK32) ^ _mix32(seed & _MASK32 ^ _mix32(step & _MASK32 ^ _mix32(step >> 32))))
+    counter = torch.arange(first, first + n, dtype=torch.int64, device=device)
+    return _mix32(_mix32((counter & _MASK32) ^ k) ^ ((counter >> 32) + 0x9E3779B9 & _MASK32))
+
+
+def hashed_uniform(seed: int, step: Tensor, shape, *, first_row: int = 0, device=None) -> Tensor:
+    """Counter-based uniforms for seeded Gumbel noise: a pure function of (seed, step, element).
+
+    ``u[b, ...]`` hashes (seed, step, the element's flat index counted from row
+    ``first_row``), in ``(eps, 1 - eps)``, float32. ``step`` is a 0-d int64 tensor (a layer's
+    batch counter), so a new step needs no recompilation under ``torch.compile``, a re-run
+    (activation checkpointing) redraws the same values, and a data-parallel rank draws only
+    its own rows ``[first_row, first_row + shape[0])`` of the global batch.
+    """
+    n = math.prod(shape)
+    per_row = n // shape[0] if shape[0] else 0
+    bits = hashed_bits(seed, step, n, first=first_row * per_row, device=device)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return u.view(shape).clamp(_F32_EPS, 1 - _F32_EPS)
+
+
+def _poly_forward(table, rows, noise, temperature):
+    """``(w, Σq + ε, what backward needs)``; see :class:`_PolyWeights`."""
+    z = table if rows is None else table[rows]
+    if z.dtype != torch.float64:
+        z = z.float()
     if noise is None:
-        probs = torch.sigmoid(logits)
+        q = torch.sigmoid(z)
+        saved = (q,)
     else:
-        # Gumbel-sigmoid on logit(pi): same as RelaxedBernoulli(tau, logits=z).rsample()
-        # for |z| < ~16, with the clamp of DESIGN.md making it finite beyond.
-        pi = torch.sigmoid(logits).clamp(_F32_EPS, 1 - _F32_EPS)
-        z = (torch.logit(pi) + noise.log() - (-noise).log1p()) / temperature
-        probs = torch.sigmoid(z).clamp(torch.finfo(z.dtype).tiny, 1 - torch.finfo(z.dtype).eps)
-    return probs / (probs.sum(dim=-1, keepdim=True) + _POLY_EPS)
+        sz = torch.sigmoid(z)
+        pi = sz.clamp(_F32_EPS, 1 - _F32_EPS)
+        t = torch.logit(pi) + torch.logit(noise)
+        if temperature != 1.0:
+            t = t / temperature
+        s = torch.sigmoid(t)
+        fin = torch.finfo(t.dtype)
+        q = s.clamp(fin.tiny, 1 - fin.eps)
+        saved = (sz, pi, s, q)
+    total = q.sum(dim=-1, keepdim=True) + _POLY_EPS
+    return q / total, total, saved
 
 
-def poly_route(logits: Tensor, *, noise: Optional[Tensor] = None, temperature: float = 1.0) -> Routing:
+class _PolyWeights(torch.autograd.Function):
+    """Poly weights of logit rows in one autograd node: the router runs in every layer of every
+    step, and on small layers the chain of ops autograd would record (two clamps, logits,
+    sigmoids, the normalisation, the gather's scatter) costs more than the arithmetic.
+
+    Forward is PEFT's ``RelaxedBernoulli(τ, logits=z).rsample()`` then the normalisation:
+    ``q = clamp(σ((logit(clamp(σ(z))) + logit(u)) / τ))``, ``w = q / (Σq + ε)``. Backward
+    is written out: ``dq = (dw − Σ dw·w) / (Σq + ε)``, then ``dz = dq · σ'(t) / τ`` (since
+    ``d logit(σ(z)) / dz = 1``), zero where either clamp is active, as ``torch.clamp``'s
+    gradient is; without noise ``dz = dq · q (1 − q)``.
+    """
+
+    @staticmethod
+    def forward(ctx, table, rows, noise, temperature):
+        w, total, saved = _poly_forward(table, rows, noise, temperature)
+        ctx.save_for_backward(rows, w, total, *saved)
+        ctx.table_shape, ctx.table_dtype, ctx.temperature = table.shape, table.dtype, temperature
+        return w
+
+    @staticmethod
+    def backward(ctx, dw):
+        rows, w, total, *saved = ctx.saved_tensors
+        dq = (dw - (dw * w).sum(dim=-1, keepdim=True)) / total
+        if len(saved) == 1:
+            (q,) = saved
+            dz = dq * (q * (1 - q))
+        else:
+            sz, pi, s, q = saved
+            dz = dq * (s * (1 - s)) * ((pi == sz) & (q == s))  # a clamp that acted passes no gradient
+            if ctx.temperature != 1.0:
+                dz = dz / ctx.temperature
+        if rows is None:
+            return dz.to(ctx.table_dtype), None, None, None
+        dtable = torch.zeros(ctx.table_shape, dtype=dz.dtype, device=dz.device).index_add_(0, rows, dz)
+        return dtable.to(ctx.table_dtype), None, None, None
+
+
+def poly_weights(logits: Tensor, noise: Optional[Tensor], temperature: float, rows: Optional[Tensor] = None) -> Tensor:
+    """:func:`poly_route`'s weights without its checks (callers that validated their config)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _PolyWeights.apply(logits, rows, noise, float(temperature))
+    return _poly_forward(logits, rows, noise, float(temperature))[0]
+
+
+def _rows_of(logits: Tensor, rows: Optional[Tensor]) -> int:
+    if rows is None:
+        return logits.shape[0]
+    check_tensor("rows", rows, ndim=1, integer=True)
+    return rows.shape[0]
+
+
+def poly_route(logits: Tensor, *, noise: Optional[Tensor] = None, temperature: float = 1.0,
+               rows: Optional[Tensor] = None) -> Routing:
     """Poly / MHR routing: ``sigmoid(z)`` normalised over skills, per head.
 
-    ``noise`` (same shape as ``logits``, uniform in (0, 1), see :func:`gumbel_uniform`)
+    ``noise`` (the shape of the routed logits, uniform in (0, 1), see :func:`gumbel_uniform`)
     switches on the Gumbel-sigmoid relaxation used in training; pass ``None`` for
-    evaluation or for mttl's plain-sigmoid training.
+    evaluation or for mttl's plain-sigmoid training. ``rows``: route ``logits[rows]``
+    (a routing table and the rows of a batch; the gather's gradient is summed per table row).
+    Weights are float32 (float64 for float64 logits).
     """
     check_tensor("logits", logits, ndim=3, floating=True)
     check_positive("temperature", temperature)
-    if noise is not None and noise.shape != logits.shape:
-        raise ValueError(f"noise: expected shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
-    R, h, m = logits.shape
-    return Routing(dense_index(R, h, m, logits.device), _poly_weights(logits, noise, temperature))
+    R, (_, h, m) = _rows_of(logits, rows), logits.shape
+    if noise is not None and noise.shape != (R, h, m):
+        raise ValueError(f"noise: expected shape {(R, h, m)}, got {tuple(noise.shape)}")
+    return Routing(dense_index(R, h, m, logits.device), poly_weights(logits, noise, temperature, rows))
 
 
 def softmax_route(logits: Tensor, *, temperature: float = 1.0) -> Routing:
@@ -119,7 +226,7 @@ def cpoly_route(logits: Tensor, *, n_common: int, noise: Optional[Tensor] = None
     if noise is not None and noise.shape != common.shape:
         raise ValueError(f"noise: expected shape {tuple(common.shape)}, got {tuple(noise.shape)}")
     check_positive("temperature", temperature)
-    w_common = _poly_weights(common, noise, temperature) if n_common else common
+    w_common = poly_weights(common, noise, temperature) if n_common else common
     w = torch.cat([w_common, logits[..., n_common:]], dim=-1)
     R, h, _ = logits.shape
     return Routing(dense_index(R, h, m, logits.device), w)

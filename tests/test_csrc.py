@@ -19,7 +19,7 @@ import routedlora
 from routedlora import cuda_build
 from routedlora.backends import available_backends, resolve_backend
 from routedlora.cuda_build import CudaBackendUnavailable
-from routedlora.ops import cuda_backend, routed_lora, torch_backend, triton_backend
+from routedlora.ops import TokenRows, cuda_backend, rank_space, routed_lora, triton_backend
 
 import csrc_emulator
 
@@ -75,7 +75,8 @@ def reference(x, A, B, idx, w, route_ids, base, scale, combine):
     """float64 torch backend on the same (rounded) inputs: (y, saved activation)."""
     d64 = lambda t: None if t is None else t.detach().cpu().double()
     xs, As = d64(x), d64(A)
-    y, u = torch_backend.forward(xs, As, d64(B), idx.cpu(), d64(w), route_ids.cpu(), scale, combine, d64(base))
+    rows = TokenRows.of(route_ids.cpu(), idx.shape[0])
+    y, (u,) = rank_space.forward(xs, As, d64(B), idx.cpu(), d64(w), rows, scale, combine, d64(base))
     if combine == "outputs":  # z (N, K, r) = x A_idx per slot, unweighted
         u = torch.einsum("nd,nkdr->nkr", xs, As[0][idx.cpu()[route_ids.cpu(), 0]])
     return y, u

@@ -245,7 +245,7 @@ def _train_grads(model, inputs, tasks, *, backward_inside=True):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
     for _, layer in routedlora.routed_layers(model):
-        layer._generator = None  # restart each layer's seeded noise stream
+        layer._noise_step.zero_()  # restart each layer's seeded noise stream
     with routedlora.routing(model, tasks):
         loss = model(**inputs).logits.pow(2).mean()
         if backward_inside:

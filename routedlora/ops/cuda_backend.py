@@ -31,6 +31,7 @@ it until it has been validated and measured on a GPU.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .. import cuda_build
 from . import triton_backend
+from .rank_space import sparse_index
 
 DECODE_MAX_TOKENS = 64
 # the single-block grouping kernel walks N / 1024 chunks in 32 warp turns each: past this
@@ -102,46 +104,35 @@ def decode_eligible(N: int, A: Tensor, B: Tensor, idx: Tensor, dtype, combine: s
             and K * r <= MAX_COEF and B.shape[3] >= 1 and (combine == "params" or h == 1))
 
 
-def _meta(route_ids: Tensor, R: int):
-    if route_ids.shape[0] <= GROUP_MAX_TOKENS:
-        return _kernels.group_by_row(route_ids, R)
-    return triton_backend._routing_meta(route_ids, R)
+# what RoutedLoraFunction hands the kernels: every token's row and the tokens grouped by row
+NEEDS_ROUTE_IDS = True
+NEEDS_GROUPING = True
+_this_module = sys.modules[__name__]
 
 
-@torch.library.custom_op("routedlora::cuda_forward", mutates_args=())
-def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
-    return triton_backend.forward_impl(x, A, B, idx, w, route_ids, base, scale, combine,
-                                       _meta(route_ids, idx.shape[0]))
+def plan(x, A, B, idx, rows, combine, backward=True):
+    return _this_module
 
 
-_forward_op.register_fake(triton_backend.forward_fake)
+def grouping(rows):
+    """Tokens grouped by row once per batch: csrc's one-launch kernel for up to ``GROUP_MAX_TOKENS``."""
+    sorter = _kernels.group_by_row if rows.n_tokens <= GROUP_MAX_TOKENS else None
+    return rows.grouping(sorter)
 
 
-@torch.library.custom_op("routedlora::cuda_backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
-    return triton_backend.backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine,
-                                        _meta(route_ids, idx.shape[0]))
-
-
-_backward_op.register_fake(triton_backend.backward_fake)
-
-
-def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
+def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: backend='cuda' takes float16, bfloat16 or float32, got {x.dtype}")
     x = x.contiguous()
+    idx = sparse_index(idx, w)
     if decode_eligible(x.shape[0], A, B, idx, x.dtype, combine):
-        y, saved = _kernels.decode_forward(x, A, B, idx, w, route_ids, base, float(scale), combine == "params")
-        return y, saved
-    return _forward_op(x, A, B, idx, w, route_ids, base, float(scale), combine)
+        y, saved = _kernels.decode_forward(x, A, B, idx, w, rows.route_ids, base, float(scale), combine == "params")
+        return y, (saved,)
+    return triton_backend.forward(x, A, B, idx, w, rows, scale, combine, base)
 
 
-def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
-    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, idx, w, route_ids, ctx, float(scale), combine)
-    need_x, need_A, need_B, need_w = needs
-    return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
+def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None):
+    return triton_backend.backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx)
 
 
 route = triton_backend.route

@@ -6,51 +6,81 @@ selected skill and mixes the outputs. See DESIGN.md §1 for the formulas.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..backends import resolve_backend
 from ..validation import check_index_range, check_same_device, check_tensor
+from .rows import TokenRows
 
 COMBINES = ("params", "outputs")
 
 
 class RoutedLoraFunction(torch.autograd.Function):
-    """Autograd wrapper around one backend's forward and hand-written backward.
+    """Autograd wrapper around one algorithm's forward and hand-written backward.
 
-    Gradients flow to ``x``, ``lora_A``, ``lora_B`` and the routing weights ``w``
-    (and through ``w`` to the logits and any gate). ``idx`` and ``route_ids``
-    are integer metadata and get none.
+    Gradients flow to ``x``, ``lora_A``, ``lora_B``, the routing weights ``w`` (and
+    through ``w`` to the logits and any gate), ``base``, and the base linear's ``weight``
+    and ``bias`` when given and trainable. ``idx`` and the token rows are integer metadata
+    and get none. The token rows travel as ``seq_len`` plus the tensors the algorithm
+    reads (``route_ids``, the token grouping), each ``None`` when it does not read them;
+    they are built once per batch by :class:`TokenRows`.
+
+    With ``weight`` the op owns the base linear: ``x Wᵀ + b`` is computed here and the
+    delta accumulated into it in place, and in backward the adapter's ``dx`` is accumulated
+    into the base's ``g W`` (no separate delta, no second ``dx`` summed by autograd).
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, idx, w, route_ids, base, scale, combine, impl):
-        out, saved = impl.forward(x, lora_A, lora_B, idx, w, route_ids, scale, combine, base)
-        ctx.save_for_backward(x, lora_A, lora_B, idx, w, route_ids, saved)
-        ctx.scale, ctx.combine, ctx.impl = scale, combine, impl
+    def forward(ctx, x, lora_A, lora_B, idx, w, base, weight, bias, seq_len, route_ids, order, srows, offs, scale,
+                combine, impl):
+        rows = _rows(x, w.shape[0], seq_len, route_ids, order, srows, offs)
+        out, saved = _forward(impl, x, lora_A, lora_B, idx, w, rows, base, weight, bias, scale, combine)
+        ctx.save_for_backward(x, lora_A, lora_B, idx, w, weight, route_ids, order, srows, offs, *saved)
+        ctx.seq_len, ctx.scale, ctx.combine, ctx.impl = seq_len, scale, combine, impl
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, idx, w, route_ids, saved = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-                 ctx.needs_input_grad[4])
-        dx, dA, dB, dw = ctx.impl.backward(grad.contiguous(), x, A, B, idx, w, route_ids, ctx.scale,
-                                           ctx.combine, saved, needs)
-        dbase = grad if ctx.needs_input_grad[6] else None
-        return dx, dA, dB, None, dw, None, dbase, None, None, None
+        x, A, B, idx, w, weight, route_ids, order, srows, offs, *saved = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        needs = (nig[0], nig[1], nig[2], nig[4])
+        grad = grad.contiguous()
+        dx = dA = dB = dw = None
+        if weight is not None and nig[0]:
+            dx = grad.mm(weight.to(grad.dtype))  # the base's; the adapter's is accumulated into it
+        if any(needs):
+            rows = _rows(x, w.shape[0], ctx.seq_len, route_ids, order, srows, offs)
+            dx, dA, dB, dw = ctx.impl.backward(grad, x, A, B, idx, w, rows, ctx.scale, ctx.combine, saved, needs,
+                                               dx=dx)
+        dweight = grad.t().mm(x).to(weight.dtype) if nig[6] else None
+        dbias = grad.sum(0) if nig[7] else None
+        return (dx, dA, dB, None, dw, grad if nig[5] else None, dweight, dbias) + (None,) * 8
 
 
-def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base=None) -> None:
+def _forward(impl, x, A, B, idx, w, rows, base, weight, bias, scale, combine):
+    own_base = weight is not None
+    if own_base:
+        base = torch.nn.functional.linear(x, weight, bias)
+    return impl.forward(x, A, B, idx, w, rows, scale, combine, base, inplace=own_base)
+
+
+def _rows(x, w_rows, seq_len, route_ids, order, srows, offs) -> TokenRows:
+    grouping = None if order is None else (order, srows, offs)
+    return TokenRows(w_rows, x.shape[0], x.device, seq_len=seq_len, route_ids=route_ids, grouping=grouping)
+
+
+def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, rows: TokenRows, combine, base=None,
+                             route_ids: Optional[Tensor] = None) -> None:
     """Validate shapes, dtypes and devices (metadata only) and, on CPU, index ranges."""
     check_tensor("x", x, ndim=2, floating=True)
     check_tensor("lora_A", lora_A, ndim=4, floating=True)
     check_tensor("lora_B", lora_B, ndim=4, floating=True)
-    check_tensor("idx", idx, ndim=3, integer=True)
     check_tensor("w", w, ndim=3, floating=True)
-    check_tensor("route_ids", route_ids, ndim=1, integer=True)
+    if idx is not None:
+        check_tensor("idx", idx, ndim=3, integer=True)
     if combine not in COMBINES:
         raise ValueError(f"combine: expected one of {COMBINES}, got {combine!r}")
     h, m, dh, r = lora_A.shape
@@ -61,16 +91,24 @@ def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base
         raise ValueError(f"x: expected {h * dh} features (lora_A has {h} heads of {dh}), got {x.shape[1]}")
     if combine == "outputs" and h != 1:
         raise ValueError(f"lora_A: combine='outputs' takes one head, got h={h}")
-    if idx.shape[1] != h:
-        raise ValueError(f"idx: expected {h} heads in dim 1, got shape {tuple(idx.shape)}")
-    if w.shape != idx.shape:
-        raise ValueError(f"w: expected the shape of idx {tuple(idx.shape)}, got {tuple(w.shape)}")
-    if route_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"route_ids: expected one id per token ({x.shape[0]}), got {route_ids.shape[0]}")
+    if idx is None:
+        if w.shape[1:] != (h, m):
+            raise ValueError(f"w: dense routing (idx=None) weights every skill: expected shape (R, {h}, {m}), "
+                             f"got {tuple(w.shape)}")
+    else:
+        if idx.shape[1] != h:
+            raise ValueError(f"idx: expected {h} heads in dim 1, got shape {tuple(idx.shape)}")
+        if w.shape != idx.shape:
+            raise ValueError(f"w: expected the shape of idx {tuple(idx.shape)}, got {tuple(w.shape)}")
+    if rows.n_tokens != x.shape[0]:
+        what = "one id per token" if route_ids is not None else f"{rows.n_rows} rows x seq_len={rows.seq_len}"
+        raise ValueError(f"route_ids: expected {what} to cover the {x.shape[0]} tokens of x, got {rows.n_tokens}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
-    named = [("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("idx", idx), ("w", w), ("route_ids", route_ids)]
+    named = [("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("w", w)] + ([("idx", idx)] if idx is not None else [])
+    if route_ids is not None:
+        named.append(("route_ids", route_ids))
     if base is not None:
         check_tensor("base", base, ndim=2, floating=True)
         if base.shape != (x.shape[0], h * lora_B.shape[3]):
@@ -79,14 +117,60 @@ def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base
             raise TypeError(f"base: dtype {base.dtype} differs from x's {x.dtype}")
         named.append(("base", base))
     check_same_device(named)
-    check_index_range("idx", idx, m, "skill index")
-    if idx.shape[0] == 0 and x.shape[0] > 0:
-        raise ValueError("idx: no routing rows, but x has tokens to route")
-    check_index_range("route_ids", route_ids, idx.shape[0], "routing row")
+    if idx is not None:
+        check_index_range("idx", idx, m, "skill index")
+    if w.shape[0] == 0 and x.shape[0] > 0:
+        raise ValueError("w: no routing rows, but x has tokens to route")
+    if route_ids is not None:
+        check_index_range("route_ids", route_ids, w.shape[0], "routing row")
 
 
-def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                *, scale: float = 1.0, combine: str = "params", base: Optional[Tensor] = None,
+def check_base_linear(x, lora_A, lora_B, base, weight, bias) -> None:
+    if weight is None:
+        if bias is not None:
+            raise ValueError("bias: given without weight")
+        return
+    if base is not None:
+        raise ValueError("weight: pass the base output (base) or the base linear (weight, bias), not both")
+    o = lora_A.shape[0] * lora_B.shape[3]
+    check_tensor("weight", weight, ndim=2, floating=True)
+    if tuple(weight.shape) != (o, x.shape[1]):
+        raise ValueError(f"weight: expected shape {(o, x.shape[1])} (out, in), got {tuple(weight.shape)}")
+    named = [("x", x), ("weight", weight)]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, floating=True)
+        if bias.shape[0] != o:
+            raise ValueError(f"bias: expected shape ({o},), got {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
+    check_same_device(named)
+
+
+def token_rows(x: Tensor, w: Tensor, route_ids: Union[Tensor, TokenRows, None], seq_len: Optional[int]) -> TokenRows:
+    """The op's token-to-row map from its ``route_ids`` / ``seq_len`` arguments."""
+    if isinstance(route_ids, TokenRows):
+        if seq_len is not None:
+            raise ValueError("seq_len: route_ids is already a TokenRows; pass one or the other")
+        return route_ids
+    if route_ids is not None:
+        check_tensor("route_ids", route_ids, ndim=1, integer=True)
+        if seq_len is not None:
+            raise ValueError("seq_len: pass route_ids or seq_len, not both")
+        return TokenRows.of(route_ids, w.shape[0])
+    if seq_len is None:
+        raise ValueError("route_ids: pass the routing row of each token (route_ids) or, for contiguous rows of "
+                         "equal length, seq_len")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len: expected a positive int, got {seq_len!r}")
+    return TokenRows.contiguous(w.shape[0], seq_len, x.device)
+
+
+def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor], w: Tensor,
+                route_ids: Union[Tensor, TokenRows, None] = None, *, seq_len: Optional[int] = None,
+                scale: float = 1.0, combine: str = "params", base: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 backend: str = "auto", validate: bool = True) -> Tensor:
     """Routed LoRA delta, optionally added to a base output.
 
@@ -94,23 +178,43 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Tensor, w: Tenso
         x: ``(N, d)`` input tokens (flatten any leading dims first).
         lora_A: ``(h, m, d/h, r)`` skills' down projections, PEFT Poly layout.
         lora_B: ``(h, m, r, o/h)`` skills' up projections.
-        idx: ``(R, h, K)`` integer skill index per routing row, head and slot.
+        idx: ``(R, h, K)`` integer skill index per routing row, head and slot, or ``None``
+            for dense routing (every skill in order, ``K = m``: Poly, MHR, C-Poly).
         w: ``(R, h, K)`` routing weights (any float dtype; differentiable).
-        route_ids: ``(N,)`` integer routing row of each token.
+        route_ids: ``(N,)`` integer routing row of each token, or a
+            :class:`~routedlora.ops.TokenRows` built once per batch and shared by layers.
+        seq_len: instead of ``route_ids``: row ``ρ`` owns tokens ``[ρ·seq_len, (ρ+1)·seq_len)``
+            (one row per sequence of a ``(R, seq_len, d)`` batch), so ``N = R·seq_len``.
         scale: γ, e.g. ``alpha / r`` (PEFT Poly uses ``1 / r``).
         combine: ``"params"`` (mix parameters per head, then apply) or ``"outputs"``
             (apply each selected skill, mix outputs; ``h == 1``).
-        base: optional ``(N, o)`` base output ``x W^T + b``; the result is ``base + γΔ``.
+        base: optional ``(N, o)`` base output ``x W^T + b``; the result is ``base + γΔ``
+            (accumulated as the delta is computed, not added afterwards; ``base`` itself is
+            not modified).
+        weight, bias: instead of ``base``, the base linear itself (``(o, d)`` and ``(o,)`` or
+            ``None``): the op computes ``x Wᵀ + b + γΔ``, accumulating the delta into the base
+            GEMM's output and, in backward, the adapter's ``dx`` into the base's.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
-        validate: check shapes, dtypes, devices (and index ranges of CPU tensors).
+        validate: check shapes, dtypes, devices (and index ranges of CPU tensors);
+            ``False`` skips every check.
 
     Returns:
         ``(N, o)`` tensor in ``x``'s dtype: ``γΔ`` or ``base + γΔ``.
 
-    Memory (torch backend): saves ``N*r`` numbers for backward beyond its
-    inputs; transient peak two ``h*N*m*r`` buffers. No per-token adapter.
+    The torch backend picks its algorithm per call from the shape
+    (:func:`routedlora.ops.plan.choose`): row-mixed for long rows, rank space for short ones.
     """
+    rows = token_rows(x, w, route_ids, seq_len)
     if validate:
-        check_routed_lora_inputs(x, lora_A, lora_B, idx, w, route_ids, combine, base)
-    impl = resolve_backend(backend, x.device)
-    return RoutedLoraFunction.apply(x, lora_A, lora_B, idx, w, route_ids, base, float(scale), combine, impl)
+        check_routed_lora_inputs(x, lora_A, lora_B, idx, w, rows, combine, base,
+                                 route_ids if isinstance(route_ids, Tensor) else None)
+        check_base_linear(x, lora_A, lora_B, base, weight, bias)
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, w, base, weight, bias))
+    impl = resolve_backend(backend, x.device).plan(x, lora_A, lora_B, idx, rows, combine, backward)
+    if not backward:  # inference (decode): no autograd node to build
+        return _forward(impl, x, lora_A, lora_B, idx, w, rows, base, weight, bias, float(scale), combine)[0]
+    rid = rows.route_ids if impl.NEEDS_ROUTE_IDS or rows.seq_len is None else None
+    grouping = impl.grouping(rows) if impl.NEEDS_GROUPING else (None, None, None)
+    return RoutedLoraFunction.apply(x, lora_A, lora_B, idx, w, base, weight, bias, rows.seq_len, rid, *grouping,
+                                    float(scale), combine, impl)

@@ -1,108 +1,19 @@
-"""The ``torch`` backend: the routed LoRA delta in rank space with plain torch ops.
+"""The ``torch`` backend: plain torch ops with hand-written backwards, on any device.
 
-Contract shared by every backend (shapes as in DESIGN.md §1, ``dh = d/h``, ``oh = o/h``)::
-
-    forward(x (N,d), A (h,m,dh,r), B (h,m,r,oh), idx (R,h,K), w (R,h,K), route_ids (N,),
-            scale, combine, base (N,o) or None) -> (base + delta or delta, ctx)
-    backward(grad (N,o), x, A, B, idx, w, route_ids, scale, combine, ctx, needs)
-            -> (dx, dA, dB, dw)         # None where ``needs`` says not needed
-
-How it stays cheap: no d x r adapter is built per example or per token. The
-sparse routing rows are scattered into dense per-row skill weights ``W (R,h,m)``
-and gathered per token (``N*h*m`` numbers); the input is projected on every
-skill at once (``Z = x_q [A_q1 .. A_qm]``, one batched GEMM over heads), mixed
-in rank space, and expanded with one batched GEMM against the stacked B's.
-
-Memory: the forward keeps only ``u (N, r)`` (the mixed rank-space activation,
-``params`` mode) besides its inputs; its transient peak is two ``(h, N, m, r)``
-buffers. The backward recomputes ``Z`` rather than storing it, at the cost of
-one extra shrink GEMM, with the same transient peak.
+Two algorithms with the same contract (see :mod:`routedlora.ops.rank_space`):
+:mod:`~routedlora.ops.row_mixed` (one mixed adapter per routing row, then batched GEMMs:
+plain-LoRA flops per token) and :mod:`~routedlora.ops.rank_space` (every skill on every
+token, mixed in rank space: no per-row adapter). :func:`plan` picks one per call from the
+shape with :func:`routedlora.ops.plan.choose`.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from . import rank_space, row_mixed
+from .plan import choose
+
+ALGORITHMS = {"row_mixed": row_mixed, "rank_space": rank_space}
 
 
-def token_weights(idx: Tensor, w: Tensor, route_ids: Tensor, n_skills: int, dtype) -> Tensor:
-    """Dense per-token skill weights ``(N, h, m)``; duplicate indices in a row add up."""
-    R, h, _ = idx.shape
-    rows = torch.zeros(R, h, n_skills, dtype=dtype, device=w.device)
-    rows.scatter_add_(2, idx.long(), w.to(dtype))
-    return rows[route_ids.long()]
-
-
-def _row_grad(dWn: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor) -> Tensor:
-    """Pull per-token skill-weight gradients back to the sparse ``(idx, w)`` rows."""
-    R = idx.shape[0]
-    # accumulate over a row's tokens in at least float32, whatever x's dtype
-    acc = torch.promote_types(dWn.dtype, torch.float32)
-    rows = torch.zeros(R, *dWn.shape[1:], dtype=acc, device=dWn.device)
-    rows.index_add_(0, route_ids.long(), dWn.to(acc))
-    return rows.gather(2, idx.long()).to(w.dtype)
-
-
-def _flat_A(A: Tensor) -> Tensor:  # (h, m, dh, r) -> (h, dh, m*r)
-    h, m, dh, r = A.shape
-    return A.permute(0, 2, 1, 3).reshape(h, dh, m * r)
-
-
-def _flat_B(B: Tensor) -> Tensor:  # (h, m, r, oh) -> (h, m*r, oh)
-    h, m, r, oh = B.shape
-    return B.reshape(h, m * r, oh)
-
-
-def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
-    N, d = x.shape
-    h, m, dh, r = A.shape
-    oh = B.shape[-1]
-    Wn = token_weights(idx, w, route_ids, m, x.dtype).transpose(0, 1)  # (h, N, m)
-    xq = x.view(N, h, dh).transpose(0, 1)  # (h, N, dh)
-    Z = torch.bmm(xq, _flat_A(A)).view(h, N, m, r)
-    if combine == "params":
-        # x Â = sum over heads and skills of w * x_q A_qs (the heads concat along d)
-        u = torch.einsum("qnm,qnmr->nr", Wn, Z)
-        V = Wn.unsqueeze(-1) * (u * scale).unsqueeze(0).unsqueeze(2)
-        ctx = u
-    else:
-        V = Wn.unsqueeze(-1) * Z * scale
-        ctx = None
-    delta = torch.bmm(V.reshape(h, N, m * r), _flat_B(B)).transpose(0, 1).reshape(N, h * oh)
-    return (delta if base is None else base + delta), ctx
-
-
-def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
-    need_x, need_A, need_B, need_w = needs
-    N, d = x.shape
-    h, m, dh, r = A.shape
-    oh = B.shape[-1]
-    Wn = token_weights(idx, w, route_ids, m, x.dtype).transpose(0, 1)  # (h, N, m)
-    xq = x.view(N, h, dh).transpose(0, 1)
-    fA = _flat_A(A)
-    gq = grad.reshape(N, h, oh).transpose(0, 1)  # (h, N, oh)
-    G = torch.bmm(gq, _flat_B(B).transpose(1, 2)).view(h, N, m, r)  # dL/dV
-    dx = dA = dB = dw = None
-    if combine == "params":
-        us = ctx * scale
-        V = Wn.unsqueeze(-1) * us.unsqueeze(0).unsqueeze(2)
-        du = torch.einsum("qnm,qnmr->nr", Wn, G) * scale
-        dZ = Wn.unsqueeze(-1) * du.unsqueeze(0).unsqueeze(2)
-        if need_w:
-            Z = torch.bmm(xq, fA).view(h, N, m, r)
-            dWn = torch.einsum("qnmr,nr->nqm", G, us) + torch.einsum("qnmr,nr->nqm", Z, du)
-    else:
-        Z = torch.bmm(xq, fA).view(h, N, m, r)
-        V = Wn.unsqueeze(-1) * Z * scale
-        dZ = Wn.unsqueeze(-1) * G * scale
-        if need_w:
-            dWn = torch.einsum("qnmr,qnmr->nqm", G, Z) * scale
-    if need_B:
-        dB = torch.bmm(V.reshape(h, N, m * r).transpose(1, 2), gq).view(h, m, r, oh)
-    dZf = dZ.reshape(h, N, m * r)
-    if need_A:
-        dA = torch.bmm(xq.transpose(1, 2), dZf).view(h, dh, m, r).permute(0, 2, 1, 3)
-    if need_x:
-        dx = torch.bmm(dZf, fA.transpose(1, 2)).transpose(0, 1).reshape(N, d)
-    if need_w:
-        dw = _row_grad(dWn, idx, w, route_ids)
-    return dx, dA, dB, dw
+def plan(x, A, B, idx, rows, combine, backward=True):
+    """The algorithm module that computes this call (``backward``: gradients will be wanted)."""
+    return ALGORITHMS[choose(x, A, B, idx, rows, combine, backward)]

@@ -23,12 +23,16 @@ routing-gradient partials. Nothing ``d x r`` is ever stored per token or row.
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .rank_space import sparse_index
+
 _kernels = None
+_this_module = sys.modules[__name__]
 
 
 def is_available(device: Optional[torch.device] = None) -> bool:
@@ -243,13 +247,13 @@ def forward_impl(x, A, B, idx, w, route_ids, base, scale: float, combine: str, m
 
 
 @torch.library.custom_op("routedlora::triton_forward", mutates_args=())
-def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
-    return forward_impl(x, A, B, idx, w, route_ids, base, scale, combine, _routing_meta(route_ids, idx.shape[0]))
+def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor, order: Tensor,
+                srows: Tensor, offs: Tensor, base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+    return forward_impl(x, A, B, idx, w, route_ids, base, scale, combine, (order, srows, offs))
 
 
 @_forward_op.register_fake
-def forward_fake(x, A, B, idx, w, route_ids, base, scale, combine):
+def forward_fake(x, A, B, idx, w, route_ids, order, srows, offs, base, scale, combine):
     """Output shapes of the forward (also the cuda backend's): ``y (N, o)``, float32 activation."""
     N, r, K = x.shape[0], A.shape[3], idx.shape[2]
     y = x.new_empty(N, A.shape[0] * B.shape[-1])
@@ -301,27 +305,44 @@ def backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale: float, combine
 
 @torch.library.custom_op("routedlora::triton_backward", mutates_args=())
 def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                 saved: Tensor, scale: float, combine: str) -> List[Tensor]:
-    return backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine,
-                         _routing_meta(route_ids, idx.shape[0]))
+                 order: Tensor, srows: Tensor, offs: Tensor, saved: Tensor, scale: float, combine: str) -> List[Tensor]:
+    return backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine, (order, srows, offs))
 
 
 @_backward_op.register_fake
-def backward_fake(grad, x, A, B, idx, w, route_ids, saved, scale, combine):
+def backward_fake(grad, x, A, B, idx, w, route_ids, order, srows, offs, saved, scale, combine):
     return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# what RoutedLoraFunction hands the kernels: every token's row and the tokens grouped by row
+NEEDS_ROUTE_IDS = True
+NEEDS_GROUPING = True
 
 
-def forward(x, A, B, idx, w, route_ids, scale, combine, base=None):
+def plan(x, A, B, idx, rows, combine, backward=True):
+    """One algorithm: the fused kernels walk the tokens grouped by routing row."""
+    return _this_module
+
+
+def grouping(rows):
+    return rows.grouping()
+
+
+def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: backend='triton' takes float16, bfloat16 or float32, got {x.dtype}")
-    return _forward_op(x.contiguous(), A, B, idx, w, route_ids, base, float(scale), combine)
+    y, saved = _forward_op(x.contiguous(), A, B, sparse_index(idx, w), w, rows.route_ids, *rows.grouping(), base, float(scale),
+                           combine)
+    return y, (saved,)
 
 
-def backward(grad, x, A, B, idx, w, route_ids, scale, combine, ctx, needs):
-    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, idx, w, route_ids, ctx, float(scale), combine)
+def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None):
+    dx_base = dx
+    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, sparse_index(idx, w), w, rows.route_ids, *rows.grouping(), saved[0],
+                                  float(scale), combine)
+    if dx_base is not None:
+        dx = dx_base.add_(dx)
     need_x, need_A, need_B, need_w = needs
     return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
 
