@@ -79,6 +79,7 @@ def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
     setattr(model, _CONFIG_ATTR, config)
+    _install_generate(model, new[0][1])
     set_trainable(model)
     return model
 
@@ -97,6 +98,7 @@ def eject(model: nn.Module) -> nn.Module:
         setattr(parent, child, layer.base_layer)
     if _CONFIG_ATTR in model.__dict__:
         delattr(model, _CONFIG_ATTR)
+    _remove_generate(model)
     return model
 
 
@@ -107,6 +109,45 @@ def _require_layers(model: nn.Module) -> List[RoutedLoraLinear]:
     if not layers:
         raise ValueError("model: has no routed LoRA layers; call routedlora.inject(model, config) first")
     return layers
+
+
+class RoutedGenerate:
+    """``model.generate`` of an injected model: inside a :func:`routing` block, the block's task ids
+    stand for their sequences' beams (``num_beams``) or returned samples, and one-position calls
+    continue a KV cache (the MTA gate is reused). Installed once by :func:`inject` and removed by
+    :func:`eject`, so that a routing block changes no attribute of the model (threads and
+    ``torch.compile`` see the same model inside and outside it)."""
+
+    def __init__(self, model: nn.Module, layer: RoutedLoraLinear, own: Optional[object]):
+        self.model, self.layer, self.own = model, layer, own  # own: a generate the instance already had
+
+    def __call__(self, *args, **kwargs):
+        generate = self.own if self.own is not None else type(self.model).generate.__get__(self.model)
+        state = self.layer._state
+        if state is None:
+            return generate(*args, **kwargs)
+        saved = state.expand, state.decoding
+        state.expand, state.decoding = _expand_factor(self.model, kwargs), True
+        state.clear()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            state.expand, state.decoding = saved
+            state.clear()
+
+
+def _install_generate(model: nn.Module, layer: RoutedLoraLinear) -> None:
+    if callable(getattr(model, "generate", None)) and not isinstance(model.__dict__.get("generate"), RoutedGenerate):
+        model.generate = RoutedGenerate(model, layer, model.__dict__.get("generate"))
+
+
+def _remove_generate(model: nn.Module) -> None:
+    wrapper = model.__dict__.get("generate")
+    if isinstance(wrapper, RoutedGenerate):
+        if wrapper.own is None:
+            del model.generate
+        else:
+            model.generate = wrapper.own
 
 
 def _expand_factor(model: nn.Module, kwargs: dict) -> int:
@@ -124,8 +165,10 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
     ``task_ids``: an int, a ``(B,)`` tensor/list (one task per sequence) or
     ``(B, S)`` (one per token). Inside ``model.generate(...)`` a batch of
     ``B * num_beams`` (or ``num_return_sequences``) sequences is accepted, each
-    id repeated for its sequence's beams. ``validate`` checks the ids' range once
-    here (one host sync if they are on a GPU).
+    id repeated for its sequence's beams (see :class:`RoutedGenerate`). ``validate``
+    checks the ids' range once here (one host sync if they are on a GPU; skipped while
+    ``torch.compile`` traces). The routing rows of the batch are built once, on the first
+    layer's call, and shared by every layer and its backward.
 
     Values computed at a sequence's first position (the MTA gate) are cached at
     prefill and reused by one-position calls inside ``generate()``; set
@@ -161,26 +204,8 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
     previous = [layer._state for layer in layers]
     for layer in layers:
         layer._state = state
-    original = model.__dict__.get("generate")
-    bound = getattr(model, "generate", None)
-    if bound is not None:
-        def generate(*args, **kwargs):
-            state.expand, state.decoding = _expand_factor(model, kwargs), True
-            state.clear()
-            try:
-                return bound(*args, **kwargs)
-            finally:
-                state.expand, state.decoding = 1, decoding
-                state.clear()
-
-        model.generate = generate
     try:
         yield state
     finally:
         for layer, prev in zip(layers, previous):
             layer._state = prev
-        if bound is not None:
-            if original is None:
-                del model.generate
-            else:
-                model.generate = original

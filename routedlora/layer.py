@@ -138,7 +138,9 @@ class RoutedLoraLinear(nn.Module):
         state = self._state
         if state is None and _recomputing():
             return self._last_state
-        if state is not None and torch.is_grad_enabled():
+        # eager only: a compiled graph recomputes from its own inputs, and a checkpointed region
+        # under torch.compile may not write module attributes
+        if state is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._last_state = state
         return state
 

@@ -14,7 +14,9 @@ import torch
 from naive import naive_delta
 from test_ops import ROUTERS, make_routing
 
-from routedlora.ops import RoutedLoraFunction, TokenRows, plan, rank_space, routed_lora, row_mixed, torch_backend
+from torch.utils.flop_counter import FlopCounterMode
+
+from routedlora.ops import RoutedLoraFunction, TokenRows, plan, rank_space, routed_lora, row_mixed
 
 ALGORITHMS = {"row_mixed": row_mixed, "rank_space": rank_space}
 # (R rows, S tokens per row, d, o, r)
@@ -24,7 +26,7 @@ SIZES = [(3, 4, 6, 10, 1), (1, 1, 6, 6, 3), (0, 5, 6, 6, 2), (2, 5, 12, 8, 2), (
 def run(algo, x, A, B, idx, w, S, scale, combine, base=None, weight=None, bias=None):
     """Call the op with a pinned algorithm (the public op picks one by cost)."""
     impl = ALGORITHMS[algo]
-    rows = TokenRows.contiguous(idx.shape[0], S, x.device)
+    rows = TokenRows.contiguous(w.shape[0], S, x.device)
     rid = rows.route_ids if impl.NEEDS_ROUTE_IDS else None
     return RoutedLoraFunction.apply(x, A, B, idx, w, base, weight, bias, S, rid, None, None, None, scale, combine,
                                     impl)
@@ -205,3 +207,63 @@ def test_owned_base_with_frozen_weight_and_no_input_grad():
         routed_lora(x, A, B, rt.idx, rt.w, seq_len=3, weight=W, bias=torch.zeros(5, dtype=torch.float64))
     with pytest.raises(TypeError, match="weight"):
         routed_lora(x, A, B, rt.idx, rt.w, seq_len=3, weight=W.float())
+
+
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+@pytest.mark.parametrize("combine,h,K", [("params", 1, 4), ("params", 2, 4), ("params", 4, 4), ("outputs", 1, 2),
+                                         ("outputs", 1, 4)])
+def test_dense_routing_without_idx_matches_the_sparse_form(algo, combine, h, K):
+    # idx=None: w weights every skill in order (Poly, MHR, C-Poly); the op skips scatter and gather
+    x, A, B, logits, rows_task, base, g = inputs(3, 4, 8, 12, 2, h, m=K)
+    w = torch.rand(3, h, K, generator=g, dtype=torch.float64, requires_grad=True)
+    dense_idx = torch.arange(K).expand(3, h, K)
+    args = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    a = run(algo, *args, None, w, 4, 0.5, combine, base)
+    b = run(algo, *args, dense_idx, w, 4, 0.5, combine, base)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(torch.autograd.grad(a.sum(), args + [w]), torch.autograd.grad(b.sum(), args + [w])):
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dense routing"):
+        routed_lora(x, A, B, None, w[:, :, :K - 1], seq_len=4)
+
+
+# --- the choice between the algorithms ------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+@pytest.mark.parametrize("combine,h,K", [("params", 1, 4), ("params", 4, 4), ("outputs", 1, 2)])
+def test_plan_counts_the_flops_each_algorithm_runs(algo, combine, h, K):
+    # the cost model's matrix-product flops are exactly what torch.utils.flop_counter counts
+    R, S, d, o, r, m = 3, 5, 12, 8, 2, 4
+    x, A, B, _, _, _, g = inputs(R, S, d, o, r, h, m=m, dtype=torch.float32)
+    x, A, B = (t.requires_grad_(True) for t in (x, A, B))
+    idx = None if combine == "params" else torch.randint(0, m, (R, 1, K), generator=g)
+    w = torch.rand(R, h, m if idx is None else K, generator=g, requires_grad=True)
+    with FlopCounterMode(display=False) as fwd:
+        y = run(algo, x, A, B, idx, w, S, 0.5, combine)
+    with FlopCounterMode(display=False) as bwd:
+        y.backward(torch.randn_like(y))
+    shape = plan.Shape(R * S, R, h, m, m if idx is None else K, d, o, r, 4, combine)
+    planned_fwd = sum(op.flops for op in plan.op_counts(algo, shape, False) if op.gemm)
+    planned_all = sum(op.flops for op in plan.op_counts(algo, shape, True) if op.gemm)
+    assert planned_fwd == fwd.get_total_flops()
+    assert planned_all - planned_fwd == bwd.get_total_flops()
+
+
+def test_plan_takes_row_mixed_for_long_rows_and_rank_space_for_short_ones():
+    def pick(N, R, device, backward=True, h=4, d=4096, r=16, elem=2):
+        return plan.cheaper(plan.Shape(N, R, h, 8, 8, d, d, r, elem, "params"), device, backward)
+
+    # DESIGN.md's design point (64 sequences x 256 tokens) and decode-like rows on an H100 model
+    assert pick(16384, 64, "cuda") == "row_mixed"
+    assert pick(16384, 4096, "cuda") == "rank_space"  # 4 tokens per row
+    assert pick(16384, 16384, "cuda") == "rank_space"  # token-level rows
+    # the CPU model: the layer suite's cases
+    assert pick(8192, 64, "cpu", d=1024, elem=4) == "row_mixed"
+    assert pick(8192, 2048, "cpu", d=1024, elem=4) == "rank_space"
+    # rows of different lengths (explicit route_ids) take rank space whatever the shape
+    x = torch.randn(12, 8)
+    A, B = torch.randn(1, 4, 8, 2), torch.randn(1, 4, 2, 8)
+    ragged = TokenRows.of(torch.tensor([0] * 11 + [1]), 2)
+    assert plan.choose(x, A, B, None, ragged, "params") == "rank_space"
+    assert plan.choose(x, A, B, None, TokenRows.contiguous(2, 6, "cpu"), "params") in ALGORITHMS

@@ -351,18 +351,21 @@ def test_per_token_routing_respects_causality_on_llama():
 def test_routing_context_is_restored():
     model = injected("llama")
     inputs = make_inputs("llama", B=2)
-    assert "generate" not in model.__dict__
+    before = dict(model.__dict__)
     with routedlora.routing(model, [0, 1]) as state:
-        assert "generate" in model.__dict__
+        assert dict(model.__dict__) == before  # the block changes no attribute of the model
         assert torch.equal(state.task_ids, torch.tensor([0, 1]))
         with torch.no_grad():
             inner = run(model, inputs)
             with routedlora.routing(model, 2):  # nesting routes by the innermost ids
                 assert_differs(run(model, inputs), inner)
             torch.testing.assert_close(run(model, inputs), inner, rtol=0, atol=0)
-    assert "generate" not in model.__dict__
+    assert dict(model.__dict__) == before
+    assert all(layer._state is None for _, layer in routedlora.routed_layers(model))
     with pytest.raises(ValueError, match="routing"):
         run(model, inputs)
+    routedlora.eject(model)
+    assert "generate" not in model.__dict__  # the generate wrapper goes with the layers
 
 
 def test_batch_size_mismatch_raises_outside_generate():

@@ -38,6 +38,7 @@ class Op(NamedTuple):
     flops: float
     read: float  # bytes read from main memory
     write: float  # bytes written
+    gemm: bool = False  # a matrix product (counted by torch.utils.flop_counter); else elementwise or a copy
 
 
 
@@ -79,12 +80,17 @@ class Shape(NamedTuple):
 
 def _mm(name, batch, M, K, N, e, extra_read=0.0) -> Op:
     """A (batched) GEMM ``(M×K)·(K×N)``: reads both operands, writes the result once."""
-    return Op(name, 2.0 * batch * M * K * N, e * batch * (M * K + K * N) + extra_read, float(e * batch * M * N))
+    return Op(name, 2.0 * batch * M * K * N, e * batch * (M * K + K * N) + extra_read, float(e * batch * M * N), True)
 
 
 def _rw(name, numbers, e, passes=2) -> Op:
     """An elementwise or copy pass over ``numbers`` elements: ``passes - 1`` reads, one write."""
     return Op(name, float(numbers), float(e * numbers * (passes - 1)), float(e * numbers))
+
+
+def _contract(name, reads, writes, e) -> Op:
+    """An einsum contraction reading ``reads`` numbers into ``writes``: 2 flops per read product."""
+    return Op(name, 2.0 * reads, float(e * reads), float(e * writes), True)
 
 
 def row_mixed_ops(s: Shape, backward: bool) -> List[Op]:
@@ -121,7 +127,7 @@ def rank_space_ops(s: Shape, backward: bool) -> List[Op]:
     Z = h * N * m * r  # every skill's rank-space activation of every token
     ops = [_rw("token weights", N * h * m, e), _rw("A_all", m * d * r, e), _mm("x A_all", h, N, dh, m * r, e)]
     if s.combine == "params":
-        ops += [_rw("mix u", Z, e, passes=1), _rw("scale u", N * r, e), _rw("weights x u", Z, e)]
+        ops += [_contract("mix u", Z, N * r, e), _rw("scale u", N * r, e), _rw("weights x u", Z, e)]
     else:
         ops += [_rw("weights x Z", Z, e, passes=3)]
     ops += [_mm("V B_all", h, N, m * r, oh, e)]
@@ -130,9 +136,15 @@ def rank_space_ops(s: Shape, backward: bool) -> List[Op]:
     ops += [_rw("base + delta", N * o, e, passes=3)]
     if not backward:
         return ops
-    ops += [_rw("token weights", N * h * m, e), _mm("g B_all^T", h, N, oh, m * r, e), _rw("V", Z, e, passes=3),
-            _rw("dZ", Z, e, passes=3), _mm("x A_all (again)", h, N, dh, m * r, e), _rw("dw", Z, e, passes=4),
-            _mm("dB", h, m * r, N, oh, e), _mm("dA", h, dh, N, m * r, e), _mm("dx", h, N, m * r, dh, e),
+    ops += [_rw("token weights", N * h * m, e), _mm("g B_all^T", h, N, oh, m * r, e), _rw("V", Z, e, passes=3)]
+    if s.combine == "params":
+        ops += [_contract("du", Z, N * r, e), _rw("dZ", Z, e, passes=3)]
+    else:
+        ops += [_rw("dZ", Z, e, passes=3)]
+    ops += [_mm("x A_all (again)", h, N, dh, m * r, e)]
+    ops += ([_contract("dw G.u", Z, N * h * m, e), _contract("dw Z.du", Z, N * h * m, e)] if s.combine == "params"
+            else [_contract("dw G.Z", Z, N * h * m, e)])
+    ops += [_mm("dB", h, m * r, N, oh, e), _mm("dA", h, dh, N, m * r, e), _mm("dx", h, N, m * r, dh, e),
             _rw("row grads", N * h * m, e)]
     if h > 1:
         ops += [_rw("heads g, dx", N * (o + d), e)]
