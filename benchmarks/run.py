@@ -2,7 +2,8 @@
 
     python -m benchmarks.run                        # detects the device, picks the profile
     python -m benchmarks.run --quick                # the base cases only
-    python -m benchmarks.run --only layer,model     # any of: layer, decode, grouping, model
+    python -m benchmarks.run --only layer,model     # any of: cost, layer, decode, grouping, model
+    python -m benchmarks.run --only cost --out DIR  # exact counts + H100 projection: DIR/cost.{json,md,png}
 
 Every comparison is made inside one run: per case, the implementations are timed in
 interleaved rounds (rotated order) and each ratio is the median of same-round ratios with
@@ -37,12 +38,12 @@ if not torch.cuda.is_available():
     # first imported: set it before peft/transformers (which may import triton) load.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import grouping_bench, layer_bench, model_bench  # noqa: E402
+from . import cost, grouping_bench, layer_bench, model_bench  # noqa: E402
 from .peers import LayerCase  # noqa: E402
 from .report import write_all  # noqa: E402
 from .timing import matmul_gflops  # noqa: E402
 
-SUITES = ("layer", "decode", "grouping", "model")
+SUITES = ("cost", "layer", "decode", "grouping", "model")
 
 GPU_LAYER_BASE = LayerCase(tokens=16384, tasks=64, heads=4, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16")
 GPU_LAYER_AXES = {"tokens": [1, 8, 64, 512, 4096, 65536], "tasks": [1, 8, 256, 1024], "heads": [1, 16],
@@ -181,11 +182,16 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    counted = "cost" in wanted and not args.quick
     total = (len(cases) * len(layer_bench.MODES) + len(decode) + (grouping_bench.n_runs(device) if grouping else 0)
-             + len(models) * 2)
+             + len(models) * 2 + (cost.n_runs() if counted else 0))
     rows = []
     t0 = time.time()
+    cost_result = None
     with tqdm(total=total, unit="case", dynamic_ncols=True) as bar:
+        if counted:
+            bar.set_description("cost: exact counts at full size")
+            cost_result = cost.run(progress=bar)
         for axis, case in cases:
             bar.set_description(f"layer N={case.tokens} T={case.tasks} h={case.heads} m={case.skills} "
                                 f"r={case.rank} d={case.d} {case.dtype}")
@@ -206,9 +212,12 @@ def main(argv=None) -> int:
     result = {"env": env, "base_case": base.as_dict(), "rows": rows, "seconds": time.time() - t0}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")[:40]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    paths = write_all(result, Path(args.out) / f"{stamp}-{profile}-{slug}")
+    paths = write_all(result, Path(args.out) / f"{stamp}-{profile}-{slug}") if rows else []
+    if cost_result is not None:
+        paths += cost.write(cost_result, Path(args.out), env["command"])
+        print("\n" + cost.markdown(cost_result, env["command"]))
     _summary(rows, env)
-    print(f"\nwrote {len(rows)} rows in {result['seconds']:.0f}s:")
+    print(f"\nwrote {len(rows)} timing rows in {result['seconds']:.0f}s:")
     for path in paths:
         print(f"  {path}")
     if not gpu:

@@ -97,6 +97,10 @@ def hashed_uniform(seed: int, step: Tensor, shape, *, first_row: int = 0, device
     return u.view(shape).clamp(_F32_EPS, 1 - _F32_EPS)
 
 
+# logit(clamp(σ(z), ε, 1 − ε)) = clamp(z, −L, L): PEFT's clamp of the probabilities, taken on the logits
+_LOGIT_BOUND = math.log((1 - _F32_EPS) / _F32_EPS)
+
+
 def _poly_forward(table, rows, noise, temperature):
     """``(w, Σq + ε, what backward needs)``; see :class:`_PolyWeights`."""
     z = table if rows is None else table[rows]
@@ -106,29 +110,27 @@ def _poly_forward(table, rows, noise, temperature):
         q = torch.sigmoid(z)
         saved = (q,)
     else:
-        sz = torch.sigmoid(z)
-        pi = sz.clamp(_F32_EPS, 1 - _F32_EPS)
-        t = torch.logit(pi) + torch.logit(noise)
+        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + torch.logit(noise)
         if temperature != 1.0:
             t = t / temperature
-        s = torch.sigmoid(t)
-        fin = torch.finfo(t.dtype)
-        q = s.clamp(fin.tiny, 1 - fin.eps)
-        saved = (sz, pi, s, q)
+        q = torch.sigmoid(t)
+        saved = (z, q)
     total = q.sum(dim=-1, keepdim=True) + _POLY_EPS
     return q / total, total, saved
 
 
 class _PolyWeights(torch.autograd.Function):
     """Poly weights of logit rows in one autograd node: the router runs in every layer of every
-    step, and on small layers the chain of ops autograd would record (two clamps, logits,
-    sigmoids, the normalisation, the gather's scatter) costs more than the arithmetic.
+    step, and on small layers the chain of ops autograd would record (clamps, logits, sigmoid,
+    the normalisation, the gather's scatter) costs more than the arithmetic.
 
-    Forward is PEFT's ``RelaxedBernoulli(τ, logits=z).rsample()`` then the normalisation:
-    ``q = clamp(σ((logit(clamp(σ(z))) + logit(u)) / τ))``, ``w = q / (Σq + ε)``. Backward
-    is written out: ``dq = (dw − Σ dw·w) / (Σq + ε)``, then ``dz = dq · σ'(t) / τ`` (since
-    ``d logit(σ(z)) / dz = 1``), zero where either clamp is active, as ``torch.clamp``'s
-    gradient is; without noise ``dz = dq · q (1 − q)``.
+    Forward is PEFT's ``RelaxedBernoulli(τ, logits=z).rsample()`` then the normalisation,
+    ``q = σ((logit(clamp(σ(z), ε, 1 − ε)) + logit(u)) / τ)``, ``w = q / (Σq + ε)``, with
+    ``logit(clamp(σ(z)))`` taken as ``clamp(z, ±logit(1 − ε))`` and without PEFT's final clamp of
+    ``q`` to ``[tiny, 1 − ε]`` (it moves a weight by at most ε relative; the ``+ ε`` of the
+    normalisation already keeps it finite). Backward is written out:
+    ``dq = (dw − Σ dw·w) / (Σq + ε)``, ``dz = dq · q(1 − q) / τ`` where ``|z| ≤ logit(1 − ε)``
+    and 0 where the clamp acted, as ``torch.clamp``'s gradient is.
     """
 
     @staticmethod
@@ -146,8 +148,8 @@ class _PolyWeights(torch.autograd.Function):
             (q,) = saved
             dz = dq * (q * (1 - q))
         else:
-            sz, pi, s, q = saved
-            dz = dq * (s * (1 - s)) * ((pi == sz) & (q == s))  # a clamp that acted passes no gradient
+            z, q = saved
+            dz = dq * (q * (1 - q)) * (z.abs() <= _LOGIT_BOUND)  # where the clamp acted: no gradient
             if ctx.temperature != 1.0:
                 dz = dz / ctx.temperature
         if rows is None:

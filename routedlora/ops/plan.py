@@ -27,8 +27,9 @@ measures it; on the H100 model near 16.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -99,7 +100,7 @@ def row_mixed_ops(s: Shape, backward: bool) -> List[Op]:
     dh, oh = d // h, o // h
     if s.combine == "params":
         rr = r
-        ops = [_mm("mix A", h, R, m, dh * r, e), _rw("scale weights", R * h * m, e), _mm("mix B", h, R, m, r * oh, e)]
+        ops = [_mm("mix A", h, R, m, dh * r, e), _mm("mix B", h, R, m, r * oh, e)]
         if h > 1:
             ops += [_rw("heads A", R * d * r, e), _rw("heads B", R * r * o, e)]
     else:
@@ -183,13 +184,27 @@ def cheaper(s: Shape, device_type: str, backward: bool) -> str:
 
 
 _choices: Dict[tuple, str] = {}  # every layer of a model asks for the same few shapes, every step
+_assumed: Optional[str] = None
+
+
+@contextmanager
+def assume_device(device_type: str):
+    """Choose as if the tensors were on ``device_type`` (the cost harness prices an H100 from CPU runs)."""
+    global _assumed
+    if device_type not in DEVICE_MODELS:
+        raise ValueError(f"device_type: expected one of {tuple(DEVICE_MODELS)}, got {device_type!r}")
+    prev, _assumed = _assumed, device_type
+    try:
+        yield
+    finally:
+        _assumed = prev
 
 
 def choose(x, A, B, idx, rows, combine, backward: bool = True) -> str:
     """``"row_mixed"`` or ``"rank_space"``: the lower roofline estimate on this device's model."""
     if rows.seq_len is None or rows.n_rows == 0:
         return "rank_space"
-    key = (shape_of(x, A, B, idx, rows, combine), x.device.type, backward)
+    key = (shape_of(x, A, B, idx, rows, combine), _assumed or x.device.type, backward)
     if torch.compiler.is_compiling():  # a trace-time constant; no global state in the graph
         return cheaper(*key)
     name = _choices.get(key)

@@ -1,0 +1,243 @@
+"""Exact costs of one routed linear and an H100 roofline projection, counted on a CPU in seconds.
+
+    python -m benchmarks.run --only cost --out DIR     # writes DIR/cost.json, cost.md, cost.png
+
+For each implementation, case (``design``: bf16, d=o=4096, r=16, m=8, 64 tasks, 64 sequences of
+256 tokens; ``decode``: bf16, 8 sequences of 1 token, 8 tasks, same layer), heads (1, 4) and
+pass (``fwd``: evaluation, no autograd; ``fwd+bwd``: training, Gumbel noise on), the whole
+layer is run at full size under :class:`benchmarks.counting.CountingMode`, base GEMM included,
+and gives:
+
+* ``launches``: kernels (ops that are neither views nor allocations), ``host_syncs``;
+* ``flops`` (``torch.utils.flop_counter``'s formulas) and ``bytes`` (input + output bytes per op);
+* ``saved_bytes``: what autograd keeps for backward, parameters excluded (``fwd+bwd`` rows);
+* ``projected_ms = Σ_kernels max(flops / peak, bytes / HBM bandwidth) + launches × launch``
+  on the H100 model in ``device_model``, and ``projected_overhead`` = (projected − base's) /
+  base's for the same case, heads and pass.
+
+Each kernel is priced as reading its inputs from and writing its outputs to HBM: a separate op
+cannot keep a tensor in L2 for the next (50 MB is less than one 16k × 4096 bf16 activation).
+It is a projection from counts, not a measurement; the counts themselves are exact for the
+code as it dispatches on this torch version. Task-id validation happens once per batch in
+``routedlora.routing`` and is not counted per layer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from routedlora.ops import plan
+from routedlora.ops.plan import H100
+
+from .counting import count, saved_bytes
+from .peers import LayerCase, LayerInputs, layer_peers
+
+DEVICE_MODEL = {
+    "name": "NVIDIA H100 SXM5 80GB",
+    "hbm_bandwidth_bytes_per_s": H100.read_bw,
+    "peak_flops_per_s": {"bfloat16": H100.peak(2), "float16": H100.peak(2), "float32": H100.peak(4)},
+    "l2_bytes": 50 * 2**20,
+    "l2_bandwidth_bytes_per_s": 5.5e12,
+    "launch_s": 3e-6,
+    "sources": "HBM3 3.35 TB/s, 989 dense bf16/fp16 tensor TFLOP/s, 67 fp32 TFLOP/s (non-tensor), 50 MB L2: NVIDIA "
+               "H100 datasheet. L2 ~5.5 TB/s: third-party microbenchmarks (not used: no kernel here keeps a tensor "
+               "in L2). 3 µs per launch: an assumed back-to-back launch cost from one host thread, without CUDA "
+               "graphs.",
+    "kind": "projection, not a measurement",
+}
+
+IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]")
+PASSES = ("fwd", "fwd+bwd")
+
+
+def cases(heads=(1, 4)) -> Dict[str, List[LayerCase]]:
+    return {
+        "design": [LayerCase(tokens=16384, tasks=64, heads=h, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16",
+                             seq_len=256) for h in heads],
+        "decode": [LayerCase(tokens=8, tasks=8, heads=h, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16",
+                             seq_len=1) for h in heads],
+    }
+
+
+def projected_s(kernels) -> float:
+    bw = DEVICE_MODEL["hbm_bandwidth_bytes_per_s"]
+    peaks = DEVICE_MODEL["peak_flops_per_s"]
+    return sum(max(k.flops / peaks.get(k.dtype, peaks["float32"]), k.bytes / bw) + DEVICE_MODEL["launch_s"]
+               for k in kernels)
+
+
+def _routed_call(peer, inp: LayerInputs) -> Callable:
+    """routedlora's layer as a model runs it: inside one routing block (ids checked at its entry)."""
+    import routedlora
+
+    layer = _module(peer)
+
+    def call(x):
+        with routedlora.routing(layer, inp.task_ids, validate=False):
+            return layer(x)
+    return call
+
+
+def _module(peer):
+    if isinstance(peer, torch.nn.Module):
+        return peer
+    return next(c.cell_contents for c in peer.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+
+
+def count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
+    with plan.assume_device("cuda"):  # routedlora[torch] picks its algorithm as on the projected GPU
+        return _count_impl(name, inp, peer, pass_)
+
+
+def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
+    module = _module(peer)
+    call = _routed_call(peer, inp) if name.startswith("routedlora") else peer
+    params = [p for p in module.parameters()]
+    if pass_ == "fwd":
+        module.eval()
+
+        def run():
+            with torch.no_grad():
+                call(inp.x)
+        counts, saved = count(run), 0
+    else:
+        module.train()
+        x = inp.x.detach().requires_grad_(True)
+        cot = torch.empty(inp.seqs, inp.pos, inp.case.o, dtype=inp.dtype)
+        holder = {}
+
+        def fwd():
+            holder["y"] = call(x)
+
+        counts = count(lambda: (fwd(), holder["y"].backward(cot)))
+        x.grad = None
+        saved = saved_bytes(lambda: count(fwd), exclude=params)
+        holder.clear()
+    for p in params:
+        p.grad = None
+    return dict(launches=counts.launches, host_syncs=counts.host_syncs, flops=counts.flops, bytes=counts.bytes,
+                saved_bytes=saved, projected_ms=projected_s(counts.kernels) * 1e3,
+                kernels=[[k.name, k.flops, k.bytes] for k in counts.kernels])
+
+
+def run(progress=None, impls=IMPLS, heads=(1, 4)) -> dict:
+    device = torch.device("cpu")
+    rows = []
+    for case_name, case_list in cases(heads).items():
+        for case in case_list:
+            inp = LayerInputs(case, device, case.seq_len)
+            peers = layer_peers(device, case)
+            for name in impls:
+                if name not in peers:
+                    continue
+                peer = peers[name](inp)
+                for pass_ in PASSES:
+                    row = dict(impl=name, case=case_name, heads=case.heads, **{"pass": pass_})
+                    try:
+                        row.update(count_impl(name, inp, peer, pass_))
+                    except Exception as e:  # reported in the table, not fatal
+                        row["error"] = f"{type(e).__name__}: {e}"
+                    rows.append(row)
+                if progress is not None:
+                    progress.update(1)
+            del inp
+    _relative(rows)
+    return {"device_model": DEVICE_MODEL, "rows": rows}
+
+
+def _relative(rows: List[dict]) -> None:
+    key = lambda r: (r["case"], r["heads"], r["pass"])  # noqa: E731
+    base = {key(r): r for r in rows if r["impl"] == "base" and "projected_ms" in r}
+    poly = {key(r): r for r in rows if r["impl"] == "peft_poly" and "projected_ms" in r}
+    lora = {key(r): r for r in rows if r["impl"] == "peft_lora" and "projected_ms" in r}
+    for r in rows:
+        b, p, lo = base.get(key(r)), poly.get(key(r)), lora.get(key(r))
+        if "projected_ms" not in r or b is None:
+            continue
+        r["projected_overhead"] = (r["projected_ms"] - b["projected_ms"]) / b["projected_ms"]
+        r["adapter_flops"] = r["flops"] - b["flops"]
+        r["adapter_launches"] = r["launches"] - b["launches"]
+        if p is not None:
+            poly_adapter = p["flops"] - b["flops"]
+            r["adapter_flops_x_peft_poly"] = r["adapter_flops"] / poly_adapter if poly_adapter > 0 else None
+            r["projected_x_peft_poly"] = r["projected_ms"] / p["projected_ms"]
+            ov_p = p["projected_ms"] - b["projected_ms"]
+            ov = r["projected_ms"] - b["projected_ms"]
+            r["peft_poly_overhead_ratio"] = ov_p / ov if ov > 0 else None
+        if lo is not None and lo.get("saved_bytes"):
+            r["saved_x_peft_lora"] = r["saved_bytes"] / lo["saved_bytes"]
+
+
+def n_runs(heads=(1, 4)) -> int:
+    return 2 * len(heads) * len(IMPLS)
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(result: dict, command: str) -> str:
+    dm = result["device_model"]
+    lines = ["# Projected on an H100 (counted on a CPU; a projection, not a measurement)", "",
+             f"- command: `{command}`",
+             f"- device model: {dm['name']}: {dm['hbm_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s HBM, "
+             f"{dm['peak_flops_per_s']['bfloat16'] / 1e12:.0f} bf16 TFLOP/s, {dm['launch_s'] * 1e6:.0f} µs per launch "
+             f"({dm['sources']})",
+             "- counts per layer call, base GEMM included; overhead = (projected − base's) / base's; "
+             "adapter = this row minus the base's", "",
+             "| case | h | pass | impl | launches | syncs | GFLOP | adapter GFLOP (×PEFT Poly) | GB moved | "
+             "saved MB (×PEFT LoRA) | projected ms | overhead | ×PEFT Poly |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        head = f"| {r['case']} | {r['heads']} | {r['pass']} | {r['impl']} |"
+        if "error" in r:
+            lines.append(head + f" error: {r['error'][:80]} |" + " |" * 8)
+            continue
+        saved = "" if r["pass"] == "fwd" else (f"{r['saved_bytes'] / 2**20:.0f}"
+                                               + (f" ({r['saved_x_peft_lora']:.2f})" if r.get("saved_x_peft_lora")
+                                                  else ""))
+        lines.append(head + f" {r['launches']} | {r['host_syncs']} | {r['flops'] / 1e9:.1f} | "
+                     f"{_fmt(r.get('adapter_flops', 0) / 1e9, '.2f')} "
+                     f"({_fmt(r.get('adapter_flops_x_peft_poly'), '.2f')}) | {r['bytes'] / 1e9:.2f} | {saved} | "
+                     f"{r['projected_ms']:.3f} | {_fmt(r.get('projected_overhead'), '+.3f')} | "
+                     f"{_fmt(r.get('projected_x_peft_poly'), '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "projected_overhead" in r and r["impl"] != "base"]
+    groups = sorted({(r["case"], r["heads"], r["pass"]) for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        vals = [next((r["projected_overhead"] for r in rows if (r["case"], r["heads"], r["pass"]) == g
+                      and r["impl"] == impl), float("nan")) for g in groups]
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{c}\nh={h} {p}" for c, h, p in groups], fontsize=8)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylabel("projected overhead over the base (H100 model)")
+    ax.set_title("Projected on an H100 from exact CPU counts — a projection, not a measurement", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path, command: str) -> List[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "cost.json", out / "cost.md", out / "cost.png"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(markdown(result, command))
+    plot(result, paths[2])
+    return paths
