@@ -38,23 +38,32 @@ def check_backend(backend) -> str:
 
 def resolve_backend(backend: str, device=None) -> ModuleType:
     """Map a backend name to its implementation module for tensors on ``device``."""
+    if backend in ("auto", "torch"):  # every layer of every step: no import machinery on this path
+        return _torch_backend()
     check_backend(backend)
     if backend == "cuda":
         from .ops import cuda_backend
 
         cuda_backend.require(device)
         return cuda_backend
-    if backend == "triton":
-        from .ops import triton_backend
+    from .ops import triton_backend
 
-        if not triton_backend.is_available(device):
-            raise RuntimeError("backend='triton' needs the triton package and a CUDA device "
-                               f"(tensors are on {device}); on the CPU set TRITON_INTERPRET=1 to run "
-                               "the kernels in Triton's interpreter")
-        return triton_backend
-    from .ops import torch_backend
+    if not triton_backend.is_available(device):
+        raise RuntimeError("backend='triton' needs the triton package and a CUDA device "
+                           f"(tensors are on {device}); on the CPU set TRITON_INTERPRET=1 to run "
+                           "the kernels in Triton's interpreter")
+    return triton_backend
 
-    return torch_backend
+
+_TORCH = []
+
+
+def _torch_backend() -> ModuleType:
+    if not _TORCH:
+        from .ops import torch_backend
+
+        _TORCH.append(torch_backend)
+    return _TORCH[0]
 
 
 def available_backends(device=None) -> tuple:

@@ -140,7 +140,8 @@ class RoutedLoraLinear(nn.Module):
             return self._last_state
         # eager only: a compiled graph recomputes from its own inputs, and a checkpointed region
         # under torch.compile may not write module attributes
-        if state is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (state is not None and self._last_state is not state and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             self._last_state = state
         return state
 

@@ -72,13 +72,28 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def hashed_bits(seed: int, step: Tensor, n: int, *, first: int = 0, device=None) -> Tensor:
-    """``n`` hashed 32-bit values (int64) for counters ``first … first + n - 1`` of stream (seed, step)."""
-    seed = int(seed)
-    step = step.to(device=device, dtype=torch.int64)
+@torch.library.custom_op("routedlora::hashed_bits", mutates_args=())
+def _hashed_bits_op(seed: int, step: Tensor, n: int, first: int) -> Tensor:
     k = _mix32(_mix32((seed >> 32) & _MASK32) ^ _mix32(seed & _MASK32 ^ _mix32(step & _MASK32 ^ _mix32(step >> 32))))
-    counter = torch.arange(first, first + n, dtype=torch.int64, device=device)
+    counter = torch.arange(first, first + n, dtype=torch.int64, device=step.device)
     return _mix32(_mix32((counter & _MASK32) ^ k) ^ ((counter >> 32) + 0x9E3779B9 & _MASK32))
+
+
+@_hashed_bits_op.register_fake
+def _(seed, step, n, first):
+    return step.new_empty(n, dtype=torch.int64)
+
+
+def hashed_bits(seed: int, step: Tensor, n: int, *, first: int = 0, device=None) -> Tensor:
+    """``n`` hashed 32-bit values (int64) for counters ``first … first + n - 1`` of stream (seed, step).
+
+    One opaque op (``routedlora::hashed_bits``) rather than the chain of integer ops it runs:
+    ``torch.compile``'s partitioner may recompute cheap ops in backward from the forward's
+    inputs, and the batch counter ``step`` is an input that a compiled step also advances in
+    place, so a recomputed hash would read the advanced counter. An opaque op's output is
+    saved instead.
+    """
+    return _hashed_bits_op(int(seed), step.to(device=device, dtype=torch.int64), int(n), int(first))
 
 
 def hashed_uniform(seed: int, step: Tensor, shape, *, first_row: int = 0, device=None) -> Tensor:
