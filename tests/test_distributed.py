@@ -76,7 +76,7 @@ def test_data_parallel_matches_single_process(tmp_path, parallel, recipe):
     mp.spawn(_worker, args=(_free_port(), parallel, recipe, str(tmp_path)), nprocs=WORLD, join=True)
     ref = run(make("none", recipe, stage2_at=2 if recipe == "mta" else None))
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert sorted(got["grads"]) == sorted(ref["grads"])
         for n, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][n], g, rtol=RTOL, atol=ATOL, msg=f"grad {n}")

@@ -192,3 +192,31 @@ def test_cli_help_and_error():
     from routedlora.training.cli import main
 
     assert main(["--tasks", "copy,nope", "--steps", "1", "--no-progress"]) == 2
+
+
+class _Payload:
+    """A pickle that would run code when unpickled (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
+    trainer = make(steps=2, save_every=2, output_dir=str(tmp_path / "run"))
+    trainer.train()
+    ckpt = tmp_path / "run" / "step_2"
+    state_file = ckpt / "trainer_state.rank0.pt"
+    marker = tmp_path / "pwned"
+    state = torch.load(state_file, weights_only=True)
+    state["history"] = _Payload(str(marker))
+    torch.save(state, state_file)
+    fresh = make(steps=4, output_dir=str(tmp_path / "other"))
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match="trainer_state.rank0.pt"):
+        fresh.train(resume_from=str(ckpt))
+    assert not marker.exists()
+    after = fresh.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded before the refusal

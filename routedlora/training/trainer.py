@@ -439,7 +439,13 @@ class MultiTaskTrainer:
         for f in (state_file, adapter_file):
             if not os.path.isfile(f):
                 raise ValueError(f"resume_from: {path} has no {os.path.basename(f)}")
-        state = torch.load(state_file, weights_only=False)
+        try:
+            # tensors and plain containers only: a checkpoint directory never runs code
+            state = torch.load(state_file, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"resume_from: {state_file} is not a trainer state this version can read safely "
+                             f"(only tensors and plain data are loaded, nothing is unpickled): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         if state["world_size"] != self.world:
             raise ValueError(f"resume_from: saved with {state['world_size']} ranks, resuming with {self.world}")
         if state["task_names"] != self.task_names:
