@@ -121,8 +121,12 @@ class RoutedGenerate:
     def __init__(self, model: nn.Module, layer: RoutedLoraLinear, own: Optional[object]):
         self.model, self.layer, self.own = model, layer, own  # own: a generate the instance already had
 
+    @property
+    def __wrapped__(self):  # inspect.signature and help() show the model's own generate
+        return self.own if self.own is not None else type(self.model).generate.__get__(self.model)
+
     def __call__(self, *args, **kwargs):
-        generate = self.own if self.own is not None else type(self.model).generate.__get__(self.model)
+        generate = self.__wrapped__
         state = self.layer._state
         if state is None:
             return generate(*args, **kwargs)

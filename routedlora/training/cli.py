@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -78,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", default="none", choices=PARALLEL, help="under torchrun: ddp or fsdp")
     g.add_argument("--dist-backend", default=None, help="gloo | nccl (default: nccl with CUDA, else gloo)")
     g.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny models: 1 is fastest)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on a CPU: the cores not already busy, by the load average, at "
+                        "least 1; tiny models: 1 is fastest)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", default=None, help="write the final per-task evaluation here")
     return p
@@ -96,10 +99,23 @@ def _ints(text: str, n: int, name: str) -> List[int]:
     return vals
 
 
+def idle_cores() -> int:
+    """CPU cores this process may use that the load average does not show busy (at least 1).
+
+    OpenMP threads wait for each other at every parallel region, so one thread sharing a core
+    with another process stalls all of them: on a shared machine, asking for every core is
+    slower than asking for the idle ones.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 def build(args, log=print):
     """Model, data and trainer from parsed arguments (also used by the example)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world = init_distributed(args.dist_backend)
     if args.device:
         device = torch.device(args.device)
@@ -107,6 +123,11 @@ def build(args, log=print):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(max(1, idle_cores() // world))
+        log(f"threads: {torch.get_num_threads()} (idle cores by the load average; --threads to set)")
     tok = None
     if args.data:
         from transformers import AutoTokenizer
