@@ -37,13 +37,14 @@ SMALL = 1 << 16
 # metadata-only ops and allocations: not kernels
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "alias",
                "detach", "lift_fresh", "lift_fresh_copy", "view", "_reshape_alias", "set_", "resize_",
-               "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
+               "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+               "_has_compatible_shallow_copy_type"}
 # the host waits for these: a scalar read, or an output whose shape depends on values
 HOST_SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "unique", "_unique",
               "_unique2", "unique_consecutive", "unique_dim", "masked_select", "_assert_async", "equal",
               "_is_all_true", "_is_any_true"}
-DATA_DEPENDENT = HOST_SYNCS | {"repeat_interleave"}
-WRITE_ONLY = {"fill_", "zero_", "copy_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_"}  # repeat_interleave(counts) has a value-defined length
+DATA_DEPENDENT = HOST_SYNCS | {"repeat_interleave"}  # repeat_interleave(counts) has a value-defined length
+WRITE_ONLY = {"fill_", "zero_", "copy_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_"}
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -79,9 +79,9 @@ def _with_routedlora(backend: str) -> Callable:
 def _with_peft_poly(case: ModelCase, device):
     from peft import PolyConfig, get_peft_model
 
-    model = get_peft_model(_model(case, device), PolyConfig(r=case.rank, n_tasks=case.tasks, n_skills=case.skills,
-                                                            n_splits=case.route_heads, target_modules=list(case.targets),
-                                                            task_type="CAUSAL_LM"))
+    config = PolyConfig(r=case.rank, n_tasks=case.tasks, n_skills=case.skills, n_splits=case.route_heads,
+                        target_modules=list(case.targets), task_type="CAUSAL_LM")
+    model = get_peft_model(_model(case, device), config)
 
     def call(task_ids, fn):
         return fn(_TaskIds(model, task_ids))
@@ -91,8 +91,8 @@ def _with_peft_poly(case: ModelCase, device):
 def _with_peft_lora(case: ModelCase, device):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(case, device), LoraConfig(r=case.rank, lora_alpha=1, target_modules=list(case.targets),
-                                                            task_type="CAUSAL_LM"))
+    config = LoraConfig(r=case.rank, lora_alpha=1, target_modules=list(case.targets), task_type="CAUSAL_LM")
+    model = get_peft_model(_model(case, device), config)
     return model, lambda task_ids, fn: fn(model)
 
 

@@ -16,8 +16,8 @@ On a GPU (profile ``gpu``): layer sweeps around d=o=4096, r=16, m=8, h=4, 16k to
 Llama-style models of ~100M and ~1B parameters. On a CPU (profile ``cpu``): the headline
 layer cases (d=o=1024, r=16, m=8, 64 tasks, 64 sequences of 128 tokens and 2048 of 4,
 h = 1 and 4), a sweep of tokens per routing row, small sweeps of the other axes, and a
-tiny Llama (hidden 256, 4 layers, q/k/v/o, r=8, m=8, h=4): CPU timings only, which say
-nothing about GPU speed. Writes ``<out>/<stem>.json``, ``.md`` and PNG plots.
+tiny Llama (hidden 256, 4 layers, q/k/v/o, r=8, m=8, h=4, 8 sequences of 128 tokens): CPU
+timings only, which say nothing about GPU speed. Writes ``<out>/<stem>.json``, ``.md`` and PNG plots.
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ GPU_MODELS = [
 ]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 CPU_MODELS = [
-    model_bench.ModelCase("llama-tiny", 256, 512, 4, 4, 4, 512, batch=8, seq=64, new_tokens=16, tasks=8, skills=8,
+    # 128 tokens per sequence: the short end of DESIGN.md's training rows (S = 128 … 4096)
+    model_bench.ModelCase("llama-tiny", 256, 512, 4, 4, 4, 512, batch=8, seq=128, new_tokens=16, tasks=8, skills=8,
                           rank=8, route_heads=4, dtype="float32", targets=ATTENTION),
 ]
 

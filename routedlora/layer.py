@@ -161,7 +161,8 @@ class RoutedLoraLinear(nn.Module):
 
     @torch.no_grad()
     def advance_noise(self) -> None:
-        """Start the next batch of seeded Gumbel noise (:func:`routedlora.routing` calls it once per block)."""
+        """Start the next batch of seeded Gumbel noise (:func:`routedlora.routing` advances every layer once
+        per block)."""
         self._noise_step.add_(1)
 
     def _noise(self, B: int, row_example: Optional[Tensor], heads: int, skills: int, device) -> Optional[Tensor]:
@@ -173,7 +174,8 @@ class RoutedLoraLinear(nn.Module):
             u = hashed_uniform(self.config.seed + self.layer_index, self._noise_step, (B, heads, skills),
                                first_row=rows[0] if rows is not None else 0, device=device)
         elif rows is None:
-            u = gumbel_uniform((B, heads, skills), device=device)
+            # the router clamps u to [ε, 1 − ε] (as gumbel_uniform does) inside its logit
+            u = torch.rand((B, heads, skills), device=device)
         else:
             # Data parallel: draw the noise of the whole global batch (same generator
             # state on every rank) and keep this rank's rows, so that each example
@@ -310,7 +312,9 @@ class RoutedLoraLinear(nn.Module):
                 and not (self.training and self.config.dropout > 0))
 
     def _lora_input(self, x: Tensor) -> Tensor:
-        return self.dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)
+        if self.config.dropout > 0:
+            x = self.dropout(x)
+        return x.reshape(-1, self.in_features).to(self.lora_A.dtype)
 
     def _routed(self, x: Tensor, batch: BatchRows, base: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                 bias: Optional[Tensor] = None) -> Tensor:

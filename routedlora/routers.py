@@ -125,7 +125,7 @@ def _poly_forward(table, rows, noise, temperature):
         q = torch.sigmoid(z)
         saved = (q,)
     else:
-        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + torch.logit(noise)
+        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + torch.logit(noise, _F32_EPS)  # clamps u to [ε, 1 − ε] first
         if temperature != 1.0:
             t = t / temperature
         q = torch.sigmoid(t)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor

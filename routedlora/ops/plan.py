@@ -21,8 +21,9 @@ datasheet: 989 dense bf16/fp16 TFLOP/s, 67 fp32, 3.35 TB/s HBM3; ~4 µs per laun
 host), ``cpu`` one core of an AVX-512 server as the harness runs it (one thread: ~115 fp32
 GFLOP/s, the harness's sanity line on the development machine; ~12 GB/s read; ~2.5 GB/s
 written into fresh buffers, whose pages fault in on first touch; ops moving under 1 MiB run
-from cache at ~50 GB/s; ~8 µs of eager dispatch per op, which decides decode-sized calls). On the CPU the model puts the crossover near 8 tokens per row for d = o = 1024,
-r = 16, m = 8 in float32, where the layer suite (``python -m benchmarks.run --only layer``)
+from cache at ~50 GB/s; ~8 µs of eager dispatch per op, which decides decode-sized calls).
+On the CPU the model puts the crossover near 8 tokens per row for d = o = 1024, r = 16,
+m = 8 in float32, where the layer suite (``python -m benchmarks.run --only layer``)
 measures it; on the H100 model near 16.
 """
 from __future__ import annotations

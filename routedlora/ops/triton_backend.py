@@ -248,7 +248,8 @@ def forward_impl(x, A, B, idx, w, route_ids, base, scale: float, combine: str, m
 
 @torch.library.custom_op("routedlora::triton_forward", mutates_args=())
 def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor, order: Tensor,
-                srows: Tensor, offs: Tensor, base: Optional[Tensor], scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+                srows: Tensor, offs: Tensor, base: Optional[Tensor], scale: float,
+                combine: str) -> Tuple[Tensor, Tensor]:
     return forward_impl(x, A, B, idx, w, route_ids, base, scale, combine, (order, srows, offs))
 
 
@@ -332,15 +333,15 @@ def grouping(rows):
 def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: backend='triton' takes float16, bfloat16 or float32, got {x.dtype}")
-    y, saved = _forward_op(x.contiguous(), A, B, sparse_index(idx, w), w, rows.route_ids, *rows.grouping(), base, float(scale),
-                           combine)
+    meta = (sparse_index(idx, w), w, rows.route_ids, *rows.grouping())
+    y, saved = _forward_op(x.contiguous(), A, B, *meta, base, float(scale), combine)
     return y, (saved,)
 
 
 def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None):
     dx_base = dx
-    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, sparse_index(idx, w), w, rows.route_ids, *rows.grouping(), saved[0],
-                                  float(scale), combine)
+    meta = (sparse_index(idx, w), w, rows.route_ids, *rows.grouping())
+    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, *meta, saved[0], float(scale), combine)
     if dx_base is not None:
         dx = dx_base.add_(dx)
     need_x, need_A, need_B, need_w = needs
