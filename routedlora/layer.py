@@ -11,6 +11,7 @@ from .backends import resolve_backend
 from .batch import BatchRows, as_task_ids, batch_rows
 from .config import RoutedLoraConfig
 from .ops import routed_lora
+from .ops.routed_lora import compute_dtype
 from .routers import (Routing, cpoly_route, dense_index, gumbel_uniform, hashed_bits, hashed_uniform, poly_weights,
                       topk_route)
 from .validation import check_tensor, values_checkable
@@ -296,8 +297,9 @@ class RoutedLoraLinear(nn.Module):
             out = self._routed(x, batch, weight=base.weight, bias=base.bias)
             return out.view(*lead, self.out_features)
         result = self.base_layer(x)
-        # The delta is accumulated into the base output when the dtypes agree (not under autocast).
-        fused = result.dtype == self.lora_A.dtype
+        # The delta is accumulated into the base output when the op computes in its dtype
+        # (under autocast the op computes in autocast's dtype, as the base linear did).
+        fused = result.dtype == compute_dtype(x, self.lora_A.dtype)
         base = result.reshape(-1, self.out_features) if fused else None
         out = self._routed(x, batch, base=base)
         return out.view(result.shape) if fused else result + out.view(result.shape).to(result.dtype)

@@ -210,3 +210,27 @@ def test_op_outputs_combine_needs_one_head():
     kw = op_inputs()
     with pytest.raises(ValueError, match="base"):
         routed_lora(**kw, base=torch.randn(5, 7))
+
+
+@pytest.mark.parametrize("router,h,tokens", [("poly", 1, 5), ("poly", 4, 5), ("poly", 4, 1), ("topk", 1, 5)])
+def test_autocast_training_computes_in_bfloat16_with_float32_gradients(router, h, tokens):
+    # the HF Trainer's bf16 mode: fp32 adapters under autocast. The op computes in bfloat16 as torch's
+    # matmuls do there; every gradient comes back in float32, within bfloat16 rounding (5e-2 of the
+    # largest magnitude) of the float32 computation
+    layer = make_layer(router=router, h=h, gumbel=False).train()
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(3, tokens, 12)
+    params = [layer.lora_A, layer.lora_B, layer.router_logits]
+
+    def step(autocast):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xx, task_ids=[0, 4, 2])
+        grads = torch.autograd.grad(y.float().square().sum(), [xx] + params)
+        return y, grads
+
+    y16, g16 = step(True)
+    y32, g32 = step(False)
+    assert y16.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g16)
+    for a, b in zip((y16,) + g16, (y32,) + g32):
+        assert (a.float() - b).abs().max() <= 5e-2 * b.abs().max()

@@ -125,6 +125,13 @@ def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, rows: TokenRows, combine
         check_index_range("route_ids", route_ids, w.shape[0], "routing row")
 
 
+def compute_dtype(x: Tensor, adapter_dtype=None):
+    """The dtype the op computes in for ``x``: autocast's where it is on, else the adapters' (``x``'s)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return adapter_dtype if adapter_dtype is not None else x.dtype
+
+
 def check_base_linear(x, lora_A, lora_B, base, weight, bias) -> None:
     if weight is None:
         if bias is not None:
@@ -198,6 +205,9 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor]
         validate: check shapes, dtypes, devices (and index ranges of CPU tensors);
             ``False`` skips every check.
 
+    Under ``torch.autocast`` the op computes in the autocast dtype, as torch's matmuls do:
+    ``x``, the skills and ``base``/``weight`` are cast to it (differentiably) first.
+
     Returns:
         ``(N, o)`` tensor in ``x``'s dtype: ``γΔ`` or ``base + γΔ``.
 
@@ -205,6 +215,15 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor]
     (:func:`routedlora.ops.plan.choose`): row-mixed for long rows, rank space for short ones.
     """
     rows = token_rows(x, w, route_ids, seq_len)
+    if torch.is_autocast_enabled(x.device.type):
+        # as torch's own matmuls do under autocast: compute in the autocast dtype (the casts
+        # are differentiable, so fp32 adapters still get fp32 gradients); no casts inside
+        dt = compute_dtype(x)
+        x, lora_A, lora_B, base, weight, bias = (t if t is None else t.to(dt)
+                                                 for t in (x, lora_A, lora_B, base, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return routed_lora(x, lora_A, lora_B, idx, w, rows, scale=scale, combine=combine, base=base,
+                               weight=weight, bias=bias, backend=backend, validate=validate)
     if validate:
         check_routed_lora_inputs(x, lora_A, lora_B, idx, w, rows, combine, base,
                                  route_ids if isinstance(route_ids, Tensor) else None)
