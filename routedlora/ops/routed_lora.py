@@ -125,9 +125,16 @@ def check_routed_lora_inputs(x, lora_A, lora_B, idx, w, rows: TokenRows, combine
         check_index_range("route_ids", route_ids, w.shape[0], "routing row")
 
 
+def autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def compute_dtype(x: Tensor, adapter_dtype=None):
     """The dtype the op computes in for ``x``: autocast's where it is on, else the adapters' (``x``'s)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocasting(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return adapter_dtype if adapter_dtype is not None else x.dtype
 
@@ -214,8 +221,11 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor]
     The torch backend picks its algorithm per call from the shape
     (:func:`routedlora.ops.plan.choose`): row-mixed for long rows, rank space for short ones.
     """
+    if validate:  # what the token rows are built from, before they are
+        check_tensor("x", x, ndim=2, floating=True)
+        check_tensor("w", w, ndim=3, floating=True)
     rows = token_rows(x, w, route_ids, seq_len)
-    if torch.is_autocast_enabled(x.device.type):
+    if autocasting(x.device.type):
         # as torch's own matmuls do under autocast: compute in the autocast dtype (the casts
         # are differentiable, so fp32 adapters still get fp32 gradients); no casts inside
         dt = compute_dtype(x)
