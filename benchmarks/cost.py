@@ -23,6 +23,7 @@ code as it dispatches on this torch version. Task-id validation happens once per
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -32,8 +33,9 @@ import torch
 from routedlora.ops import plan
 from routedlora.ops.plan import H100
 
-from .counting import count, saved_bytes
-from .peers import LayerCase, LayerInputs, layer_peers
+from .counting import count as count_ops
+from .counting import saved_bytes
+from .peers import LayerCase, LayerInputs, layer_peers, routedlora_peer
 
 DEVICE_MODEL = {
     "name": "NVIDIA H100 SXM5 80GB",
@@ -49,7 +51,39 @@ DEVICE_MODEL = {
     "kind": "projection, not a measurement",
 }
 
-IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]")
+IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]", "routedlora[triton]",
+         "routedlora[cuda]")
+# what the instrument cannot count yet, said in the table rather than left out
+OWED = {"routedlora[cuda]": "not counted: csrc/'s decode and grouping kernels have no traffic formulas yet"}
+
+
+def hbm_bytes(traffic) -> float:
+    """A kernel's main-memory traffic: each argument's distinct bytes if it fits in L2, else every
+    request (a tensor re-read by many programs is re-read from HBM once L2 cannot hold it)."""
+    l2 = DEVICE_MODEL["l2_bytes"]
+    return float(sum(d if d <= l2 else traffic.requested.get(a, 0) for a, d in traffic.distinct.items()))
+
+
+def _triton_expansions() -> Dict[object, Callable]:
+    """The triton backend's custom ops, counted by their bodies with the kernel launches recorded."""
+    from routedlora.ops import triton_backend as tb
+
+    from .counting import Kernel
+
+    def expander(op):
+        def run(mode, *args, **kwargs):
+            with tb.record_launches() as launches:
+                out = op._init_fn(*args, **kwargs)
+            for t in launches:
+                dtype = t.variant.get("dtype", "torch.float32").replace("torch.", "")
+                mode.counts.kernels.append(Kernel(t.kernel, float(t.flops), hbm_bytes(t), dtype,
+                                                  detail=dict(grid=list(t.grid), requested=t.requested,
+                                                              distinct=t.distinct, variant=t.variant)))
+            return out
+        return run
+
+    ops = (tb._forward_op, tb._backward_op, tb._route_op, tb._route_backward_op)
+    return {op._opoverload: expander(op) for op in ops}
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -95,6 +129,8 @@ def count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
 def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
     module = _module(peer)
     call = _routed_call(peer, inp) if name.startswith("routedlora") else peer
+    expand = _triton_expansions() if name == "routedlora[triton]" else None
+    count = functools.partial(count_ops, expand=expand)
     params = [p for p in module.parameters()]
     if pass_ == "fwd":
         module.eval()
@@ -120,17 +156,92 @@ def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
         p.grad = None
     return dict(launches=counts.launches, host_syncs=counts.host_syncs, flops=counts.flops, bytes=counts.bytes,
                 saved_bytes=saved, projected_ms=projected_s(counts.kernels) * 1e3,
-                kernels=[[k.name, k.flops, k.bytes] for k in counts.kernels])
+                kernels=[[k.name, k.flops, k.bytes] + ([k.detail] if k.detail else []) for k in counts.kernels])
 
 
-def run(progress=None, impls=IMPLS, heads=(1, 4)) -> dict:
+def _spec(variant: dict, kernel: str) -> dict:
+    consts = {k: v for k, v in variant.items() if k not in ("dtype", "num_warps", "num_stages")}
+    return dict(kernel=kernel, dtype=variant["dtype"].replace("torch.", ""), constexprs=consts,
+                num_warps=variant["num_warps"], num_stages=variant["num_stages"])
+
+
+def triton_resources(specs: List[dict]) -> Dict[str, dict]:
+    """Registers, spills, shared memory and occupancy on sm_90 of each launch variant, by spec.
+
+    Compiled with the ptxas in the triton wheel, in a process without Triton's interpreter,
+    and cached under ``$ROUTEDLORA_CACHE_DIR`` per triton version and kernel source.
+    """
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import triton
+
+    from routedlora import triton_kernels
+    from routedlora.cuda_build import cache_root
+
+    src = Path(triton_kernels.__file__).parent
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(src.glob("*.py")))).hexdigest()[:16]
+    cache = cache_root() / f"triton-resources-{triton.__version__}-{digest}.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    keys = [json.dumps(s, sort_keys=True) for s in specs]
+    todo = [s for s, k in zip(specs, keys) if k not in known]
+    if todo:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(todo, f)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        out = subprocess.run([sys.executable, "-m", "routedlora.triton_kernels.compile_check", "--resources", f.name],
+                             capture_output=True, text=True, env=env)
+        os.unlink(f.name)
+        if out.returncode != 0:
+            raise RuntimeError(f"compile_check --resources failed: {out.stderr.strip().splitlines()[-1:]}")
+        for spec, res in zip(todo, json.loads(out.stdout.strip().splitlines()[-1])):
+            known[json.dumps(spec, sort_keys=True)] = res
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known))
+    return {k: known[k] for k in keys}
+
+
+def _attach_resources(rows: List[dict]) -> None:
+    """Add each Triton kernel's sm_90 resources to its detail, and the worst of them to its row."""
+    kernels = [k for r in rows for k in r.get("kernels", ()) if len(k) > 3]
+    if not kernels:
+        return
+    specs = {json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True): _spec(k[3]["variant"], k[0])
+             for k in kernels}
+    try:
+        found = triton_resources(list(specs.values()))
+    except Exception as e:  # no compiler here: the counts stand without the resources
+        for r in rows:
+            if any(len(k) > 3 for k in r.get("kernels", ())):
+                r["resources_error"] = f"{type(e).__name__}: {e}"
+        return
+    for r in rows:
+        mine = [k for k in r.get("kernels", ()) if len(k) > 3]
+        for k in mine:
+            k[3]["resources"] = found[json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True)]
+        if mine:
+            res = [k[3]["resources"] for k in mine]
+            r["max_registers"] = max(x["registers"] for x in res)
+            r["spill_bytes"] = max(x["spill_bytes"] for x in res)
+            r["min_occupancy"] = min(x["occupancy"] for x in res)
+
+
+def run(progress=None, impls=IMPLS, heads=(1, 4), resources: bool = True) -> dict:
     device = torch.device("cpu")
     rows = []
     for case_name, case_list in cases(heads).items():
         for case in case_list:
             inp = LayerInputs(case, device, case.seq_len)
-            peers = layer_peers(device, case)
+            peers = dict(layer_peers(device, case), **{"routedlora[triton]": routedlora_peer("triton")})
             for name in impls:
+                if name in OWED:
+                    rows += [dict(impl=name, case=case_name, heads=case.heads, owed=OWED[name], **{"pass": p})
+                             for p in PASSES]
+                    continue
                 if name not in peers:
                     continue
                 peer = peers[name](inp)
@@ -145,6 +256,8 @@ def run(progress=None, impls=IMPLS, heads=(1, 4)) -> dict:
                     progress.update(1)
             del inp
     _relative(rows)
+    if resources:
+        _attach_resources(rows)
     return {"device_model": DEVICE_MODEL, "rows": rows}
 
 
@@ -188,14 +301,19 @@ def markdown(result: dict, command: str) -> str:
              f"({dm['sources']})",
              "- counts per layer call, base GEMM included; overhead = (projected − base's) / base's; "
              "adapter = this row minus the base's", "",
+             "- Triton kernels: bytes from each launcher's traffic formula (an argument's distinct bytes if "
+             "it fits in L2, else every request); registers, spills and occupancy of the launched variants "
+             "compiled for sm_90 with ptxas (worst kernel of the row)", "",
              "| case | h | pass | impl | launches | syncs | GFLOP | adapter GFLOP (×PEFT Poly) | GB moved | "
-             "saved MB (×PEFT LoRA) | projected ms | overhead | ×PEFT Poly |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "saved MB (×PEFT LoRA) | projected ms | overhead | ×PEFT Poly | regs (spill B) / occupancy |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in result["rows"]:
         head = f"| {r['case']} | {r['heads']} | {r['pass']} | {r['impl']} |"
-        if "error" in r:
-            lines.append(head + f" error: {r['error'][:80]} |" + " |" * 8)
+        if "error" in r or "owed" in r:
+            lines.append(head + f" {r.get('owed') or 'error: ' + r['error'][:80]} |" + " |" * 9)
             continue
+        regs = "" if "max_registers" not in r else (f"{r['max_registers']} ({r['spill_bytes']}) / "
+                                                    f"{r['min_occupancy']:.3f}")
         saved = "" if r["pass"] == "fwd" else (f"{r['saved_bytes'] / 2**20:.0f}"
                                                + (f" ({r['saved_x_peft_lora']:.2f})" if r.get("saved_x_peft_lora")
                                                   else ""))
@@ -203,7 +321,7 @@ def markdown(result: dict, command: str) -> str:
                      f"{_fmt(r.get('adapter_flops', 0) / 1e9, '.2f')} "
                      f"({_fmt(r.get('adapter_flops_x_peft_poly'), '.2f')}) | {r['bytes'] / 1e9:.2f} | {saved} | "
                      f"{r['projected_ms']:.3f} | {_fmt(r.get('projected_overhead'), '+.3f')} | "
-                     f"{_fmt(r.get('projected_x_peft_poly'), '.2f')} |")
+                     f"{_fmt(r.get('projected_x_peft_poly'), '.2f')} | {regs} |")
     return "\n".join(lines) + "\n"
 
 

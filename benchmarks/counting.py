@@ -60,6 +60,7 @@ class Kernel:
     bytes: float
     dtype: str
     sync: bool = False
+    detail: Optional[dict] = None  # a custom kernel's formula: requested and distinct bytes per argument
 
 
 @dataclass
@@ -105,20 +106,30 @@ def _written_arg(func, args, kwargs):
 
 
 class CountingMode(TorchDispatchMode):
-    """Records a :class:`Kernel` per dispatched kernel; prices large ops without computing them."""
+    """Records a :class:`Kernel` per dispatched kernel; prices large ops without computing them.
 
-    def __init__(self, small: int = SMALL):
+    ``expand``: custom ops to count by their body instead of as one op: ``{op: fn}`` where
+    ``fn(mode, *args, **kwargs)`` runs the body (its torch ops are counted as usual) and may add
+    kernels of its own to ``mode.counts`` (the Triton launches it records rather than runs).
+    """
+
+    def __init__(self, small: int = SMALL, expand: Optional[Dict[object, Callable]] = None):
         super().__init__()
         self.small = small
+        self.expand = expand or {}
         self.counts = Counts()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self.expand:
+            with self:
+                return self.expand[func](self, *args, **kwargs)
         name = func.overloadpacket.__name__
         if func.is_view or name in NOT_KERNELS:
             return func(*args, **kwargs)
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        big = any(t.numel() > self.small for t in tensors)
+        # integer tensors are index metadata: cheap, and their values matter downstream
+        big = any(t.numel() > self.small for t in tensors) and any(t.is_floating_point() for t in tensors)
         if big and name not in DATA_DEPENDENT:
             out = self._priced(func, args, kwargs)
         else:
@@ -151,9 +162,9 @@ class CountingMode(TorchDispatchMode):
         return tree_map(real, meta_out)
 
 
-def count(fn: Callable[[], object], small: int = SMALL) -> Counts:
+def count(fn: Callable[[], object], small: int = SMALL, expand=None) -> Counts:
     """Counts of everything ``fn()`` dispatches."""
-    with CountingMode(small) as mode:
+    with CountingMode(small, expand) as mode:
         fn()
     return mode.counts
 

@@ -60,9 +60,40 @@ def test_saved_bytes_count_distinct_activations_not_parameters():
 
 
 @pytest.fixture(scope="module")
-def design_rows():
-    result = cost.run(impls=("base", "peft_lora", "peft_poly", "routedlora[torch]"), heads=(1, 4))
-    return [r for r in result["rows"] if r["case"] == "design"]
+def all_rows():
+    return cost.run(heads=(1, 4), resources=False)["rows"]
+
+
+@pytest.fixture(scope="module")
+def design_rows(all_rows):
+    return [r for r in all_rows if r["case"] == "design"]
+
+
+def test_every_row_of_the_cost_table(all_rows):
+    keys = {(r["impl"], r["case"], r["heads"], r["pass"]) for r in all_rows}
+    for impl in cost.IMPLS:
+        for case in ("design", "decode"):
+            for h in (1, 4):
+                for pass_ in cost.PASSES:
+                    assert (impl, case, h, pass_) in keys
+    for r in all_rows:
+        assert "error" not in r, r
+        if "owed" in r:
+            continue
+        for key in ("launches", "host_syncs", "flops", "bytes", "saved_bytes", "projected_ms", "projected_overhead"):
+            assert isinstance(r[key], (int, float)), key
+
+
+def test_triton_rows_come_from_the_launchers_formulas(design_rows):
+    rows = {(r["heads"], r["pass"]): r for r in design_rows if r["impl"] == "routedlora[triton]"}
+    for h in (1, 4):
+        fwd = [k for k in rows[h, "fwd"]["kernels"] if len(k) > 3]
+        assert [k[0] for k in fwd] == ["_router_forward_kernel", "_shrink_kernel", "_expand_kernel"]
+        shrink = fwd[1][3]
+        assert shrink["distinct"]["X"] == 16384 * 4096 * 2  # x read whole, once (bf16)
+        assert shrink["grid"] == [16384 // shrink["variant"]["BLOCK_N"]]
+        names = [k[0] for k in rows[h, "fwd+bwd"]["kernels"] if len(k) > 3]
+        assert names.count("_weight_grad_kernel") == 2 and "_router_backward_kernel" in names
 
 
 def test_design_point_base_flops_are_exact(design_rows):

@@ -2,6 +2,7 @@
 
     python -m routedlora.triton_kernels.compile_check            # sm_80 and sm_90
     python -m routedlora.triton_kernels.compile_check --arch 90
+    python -m routedlora.triton_kernels.compile_check --resources specs.json   # registers, spills, occupancy
 
 Uses the ptxas shipped in the triton wheel. The interpreter tests check the math;
 this checks the compiler. Run it in a process where triton was imported without
@@ -9,6 +10,7 @@ this checks the compiler. Run it in a process where triton was imported without
 """
 import argparse
 import itertools
+import os
 import sys
 import time
 
@@ -16,7 +18,7 @@ F32_PREC = "ieee"
 TY = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
-def _compile(fn, pointers, floats, constexprs, arch, int_type="i32"):
+def _compile(fn, pointers, floats, constexprs, arch, int_type="i32", num_warps=4, num_stages=3):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,20 +34,77 @@ def _compile(fn, pointers, floats, constexprs, arch, int_type="i32"):
         else:
             sig[name] = int_type
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def signature(kernel: str, dtype: str):
+    """``(kernel function, pointer types, float arguments)`` of a kernel whose data tensors are ``dtype``."""
+    from routedlora.triton_kernels import routed_lora as K
+    from routedlora.triton_kernels import routing as RK
+
+    t = TY[dtype]
+    return {
+        "_shrink_kernel": (K._shrink_kernel, dict(X=t, M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64",
+                                                  OUT="*fp32", V="*fp32"), ()),
+        "_expand_kernel": (K._expand_kernel, dict(U="*fp32", M=t, IDX="*i64", WGT="*fp32", ORDER="*i64",
+                                                  SROWS="*i64", BASE=t, Y=t), ("scale",)),
+        "_weight_grad_kernel": (K._weight_grad_kernel, dict(WIDE=t, VR="*fp32", IDX="*i64", WGT="*fp32",
+                                                            RIDS="*i64", OUT=t), ("scale",)),
+        "_segment_sum_kernel": (K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), ()),
+        "_router_forward_kernel": (RK._router_forward_kernel, dict(LOGITS=t, ROWS_TASK="*i64", ROW_EX="*i64",
+                                                                   SEED="*i64", IDX="*i64", W="*fp32"),
+                                   ("inv_tau", "eps", "tiny")),
+        "_router_backward_kernel": (RK._router_backward_kernel, dict(LOGITS=t, ROWS_TASK="*i64", ROW_EX="*i64",
+                                                                     SEED="*i64", IDX="*i64", W="*fp32",
+                                                                     DW="*fp32", DZ="*fp32"),
+                                    ("inv_tau", "eps", "tiny")),
+    }[kernel]
+
+
+# H100 SXM per SM (CUDA occupancy calculator limits for compute capability 9.0)
+SM_REGS, SM_WARPS, SM_BLOCKS, SM_SMEM, REG_UNIT = 65536, 64, 32, 228 * 1024, 256
+
+
+def resources(spec: dict, arch: int = 90) -> dict:
+    """Registers, spills, shared memory and occupancy of one launch variant, from ptxas -v.
+
+    ``spec``: ``{"kernel", "dtype", "constexprs", "num_warps", "num_stages", "int_type"}``.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    fn, ptrs, floats = signature(spec["kernel"], spec["dtype"])
+    warps = spec.get("num_warps", 4)
+    compiled = _compile(fn, ptrs, floats, spec["constexprs"], arch, spec.get("int_type", "i32"), warps,
+                        spec.get("num_stages", 3))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill_st, spill_ld = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                                    text).groups())
+    smem = int(compiled.metadata.shared)
+    per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+    blocks = min(SM_REGS // (per_warp * warps), SM_WARPS // warps, SM_BLOCKS, SM_SMEM // smem if smem else SM_BLOCKS)
+    return dict(registers=regs, spill_bytes=spill_st + spill_ld, shared_bytes=smem, num_warps=warps,
+                blocks_per_sm=blocks, occupancy=blocks * warps / SM_WARPS)
 
 
 def router_variants(RK):
     for kind, noise, renorm in [(0, False, True), (0, True, True), (1, False, True), (2, False, True),
                                 (2, False, False)]:
         for dt in ("bfloat16", "float32"):
-            t = TY[dt]
             consts = dict(KIND=kind, NOISE=noise, RENORM=renorm, BLOCK_M=8)
-            ptrs = dict(LOGITS=t, ROWS_TASK="*i64", ROW_EX="*i64", SEED="*i64", IDX="*i64", W="*fp32")
-            yield (f"router forward kind={kind} noise={noise} renorm={renorm} {dt}", RK._router_forward_kernel,
-                   ptrs, ("inv_tau", "eps", "tiny"), consts, "i32")
-            yield (f"router backward kind={kind} noise={noise} renorm={renorm} {dt}", RK._router_backward_kernel,
-                   dict(ptrs, DW="*fp32", DZ="*fp32"), ("inv_tau", "eps", "tiny"), consts, "i32")
+            for way in ("forward", "backward"):
+                yield (f"router {way} kind={kind} noise={noise} renorm={renorm} {dt}",
+                       *signature(f"_router_{way}_kernel", dt), consts, "i32")
     yield ("uniform draws", RK._uniform_kernel, dict(SEED="*i64", OUT="*fp32"), ("eps",), dict(BLOCK_M=8), "i32")
 
 
@@ -55,39 +114,38 @@ def variants(K):
     for dt, mode, heads in itertools.product(TY, [0, 1, 2], [1, 4]):
         if mode == 1 and heads != 1:
             continue
-        t = TY[dt]
-        yield (f"shrink mode={mode} h={heads} {dt}", K._shrink_kernel,
-               dict(X=t, M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"), (),
+        yield (f"shrink mode={mode} h={heads} {dt}", *signature("_shrink_kernel", dt),
                dict(H=heads, MODE=mode, PREC=prec(dt), BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
     for dt, mix, has_base in itertools.product(TY, [True, False], [True, False]):
-        t = TY[dt]
-        yield (f"expand mix={mix} base={has_base} {dt}", K._expand_kernel,
-               dict(U="*fp32", M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", BASE=t, Y=t), ("scale",),
+        yield (f"expand mix={mix} base={has_base} {dt}", *signature("_expand_kernel", dt),
                dict(MIX=mix, HAS_BASE=has_base, PREC=prec(dt), BLOCK_N=64, BLOCK_O=128, BLOCK_R=16), "i32")
     for dt, shared in itertools.product(TY, [True, False]):
-        t = TY[dt]
-        yield (f"weight_grad shared_v={shared} {dt}", K._weight_grad_kernel,
-               dict(WIDE=t, VR="*fp32", IDX="*i64", WGT="*fp32", RIDS="*i64", OUT=t), ("scale",),
+        yield (f"weight_grad shared_v={shared} {dt}", *signature("_weight_grad_kernel", dt),
                dict(SHARED_V=shared, PREC=prec(dt), BLOCK_N=64, BLOCK_W=64, BLOCK_R=32), "i32")
-    yield ("shrink mode=0 h=2 bfloat16, 64-bit strides", K._shrink_kernel,
-           dict(X="*bf16", M="*bf16", IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"),
-           (), dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128), "i64")
-    yield ("shrink mode=0 h=64 bfloat16 (many heads)", K._shrink_kernel,
-           dict(X="*bf16", M="*bf16", IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64", OUT="*fp32", V="*fp32"),
-           (), dict(H=64, MODE=0, PREC="tf32", BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
-    yield ("segment_sum", K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), (),
-           dict(BLOCK_T=64, BLOCK_C=16), "i64")
+    yield ("shrink mode=0 h=2 bfloat16, 64-bit strides", *signature("_shrink_kernel", "bfloat16"),
+           dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128), "i64")
+    yield ("shrink mode=0 h=64 bfloat16 (many heads)", *signature("_shrink_kernel", "bfloat16"),
+           dict(H=64, MODE=0, PREC="tf32", BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
+    yield ("segment_sum", *signature("_segment_sum_kernel", "float32"), dict(BLOCK_T=64, BLOCK_C=16), "i64")
 
 
 def main(argv=None) -> int:
-    import os
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    p.add_argument("--resources", metavar="SPECS_JSON",
+                   help="instead: registers, spills, shared memory and occupancy of the launch variants in this "
+                        "JSON list (sm_90), printed as a JSON list")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces triton's library functions)")
         return 2
+    if args.resources:
+        import json
+
+        with open(args.resources) as f:
+            specs = json.load(f)
+        print(json.dumps([resources(spec) for spec in specs]))
+        return 0
     from routedlora.triton_kernels import routed_lora as K
     from routedlora.triton_kernels import routing as RK
 

@@ -22,9 +22,11 @@ routing-gradient partials. Nothing ``d x r`` is ever stored per token or row.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -146,19 +148,96 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# --- what each launch costs: grids and traffic formulas beside the launchers -------------
+#
+# Each launcher below has a formula for its launch: the grid, the bytes its masked loads and
+# stores request per tensor argument (a re-read counts again), the distinct bytes they touch,
+# and the FLOPs of its tl.dot calls at the tile's shape. tests/test_triton_traffic.py checks
+# every formula against the interpreter's count of the same launch; benchmarks/cost.py
+# evaluates them at full size. Inside ``record_launches()`` the launchers record their
+# formula instead of launching (the cost harness prices a GPU run from a CPU).
+
+
+@dataclass
+class Traffic:
+    kernel: str
+    grid: tuple
+    requested: Dict[str, int]  # bytes per kernel argument, every request counted
+    distinct: Dict[str, int]  # bytes per kernel argument, each address once
+    flops: int
+    variant: dict = field(default_factory=dict)  # the constexprs and dtypes the launch compiles with
+
+
+_recorder: Optional[List[Traffic]] = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Launchers record their :class:`Traffic` (at the GPU tile table's sizes) instead of launching."""
+    global _recorder
+    prev, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = prev
+
+
+def _record(formula, *args) -> None:
+    """Evaluate a launch's formula outside any dispatch mode (its own bookkeeping is not the launch's)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        _recorder.append(formula(*args))
+
+
+def _tiles(N: int, interpret: bool) -> bool:
+    """Whether the tile sizes are the interpreter's (not while recording for a GPU)."""
+    return interpret and _recorder is None
+
+
+def _tile_runs(srows: Tensor, N: int, BN: int) -> List[List[int]]:
+    """Per tile of ``BN`` sorted tokens, the token count of each routing-row segment it walks."""
+    rows = srows[:N].tolist()
+    runs = []
+    for t0 in range(0, N, BN):
+        chunk, counts = rows[t0:t0 + BN], []
+        for i, row in enumerate(chunk):
+            if i and row == chunk[i - 1]:
+                counts[-1] += 1
+            else:
+                counts.append(1)
+        runs.append(counts)
+    return runs
+
+
+def _skills_used(idx: Tensor, rows: Tensor) -> int:
+    """Distinct (head, skill) pairs the given routing rows select."""
+    if rows.numel() == 0:
+        return 0
+    sel = idx[rows.long()]  # (rows, h, K)
+    return sum(int(torch.unique(sel[:, q]).numel()) for q in range(idx.shape[1]))
+
+
+def _blocks_of(width: int, block: int) -> List[int]:
+    return [min(block, width - w0) for w0 in range(0, width, block)]
+
+
 def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
     """MODE 0 -> out (N, r); 1 -> out (N, K, r); 2 -> out (N, h, K). ``M`` viewed as (h, m, dh, r)."""
     N = X.shape[0]
     h, m, dh, r = M.shape
     if N == 0:
         return out
-    b = _blocks(N, dh, r, _interpret(), X.device)
+    b = _blocks(N, dh, r, _tiles(N, _interpret()), X.device)
     so = out.stride()
     if mode == 0:
         so = (so[0], 0, so[1])
     v_ = v if v is not None else out
     sv = (v.stride(0), v.stride(1)) if v is not None else (0, 0)
     grid = (triton_cdiv(N, b["BLOCK_N"]),)
+    if _recorder is not None:
+        _record(shrink_traffic, X, M, idx, w, srows, mode, K, out, v, b, grid)
+        return out
     _k()._shrink_kernel[grid](
         X, M, idx, w, order, srows, out, v_, N, dh, r, K,
         X.stride(0), X.stride(1), *M.stride(), *idx.stride(), *so, *sv,
@@ -167,16 +246,56 @@ def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
     return out
 
 
+def shrink_traffic(X, M, idx, w, srows, mode, K, out, v, b, grid) -> Traffic:
+    N = X.shape[0]
+    h, m, dh, r = M.shape
+    BN, BD, BR = b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_R"]
+    ex, em, ew = X.element_size(), M.element_size(), w.element_size()
+    req = dict.fromkeys(("X", "M", "IDX", "WGT", "ORDER", "SROWS", "OUT", "V"), 0)
+    flops, dblocks = 0, _blocks_of(dh, BD)
+    for segs in _tile_runs(srows, N, BN):
+        nv = sum(segs)
+        req["ORDER"] += 8 * nv
+        req["SROWS"] += 8 * nv
+        if mode == 2:
+            req["V"] += 4 * nv * r
+        for n in segs:
+            # mode 0 reads the segment's x once per head and mixes the K skills' rows of M; modes 1
+            # and 2 read x again for every slot
+            req["X"] += h * (1 if mode == 0 else K) * n * dh * ex
+            req["M"] += h * K * dh * r * em
+            req["IDX"] += 8 * h * K * (len(dblocks) if mode == 0 else 1)
+            if mode == 0:
+                req["WGT"] += ew * h * K * len(dblocks)
+            flops += 2 * BN * BD * BR * h * len(dblocks) * (1 if mode == 0 else K)
+            if mode == 1:
+                req["OUT"] += 4 * n * K * r
+            elif mode == 2:
+                req["OUT"] += 4 * n * h * K
+        if mode == 0:
+            req["OUT"] += 4 * nv * r
+    present = torch.unique(srows[:N])
+    dist = {"X": N * h * dh * ex, "M": _skills_used(idx, present) * dh * r * em,
+            "IDX": 8 * present.numel() * h * K, "WGT": ew * present.numel() * h * K if mode == 0 else 0,
+            "ORDER": 8 * N, "SROWS": 8 * N, "OUT": 4 * N * (r, K * r, h * K)[mode], "V": 4 * N * r if mode == 2 else 0}
+    variant = dict(H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=BN, BLOCK_D=BD, BLOCK_R=BR, dtype=str(X.dtype),
+                   num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return Traffic("_shrink_kernel", grid, req, dist, flops, variant)
+
+
 def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
     """``y = base + scale * expand(U)``; ``M`` viewed as (h, m, r, oh)."""
     N = U.shape[0]
     h, m, r, oh = M.shape
     if N == 0:
         return y
-    b = _blocks(N, oh, r, _interpret(), U.device)
+    b = _blocks(N, oh, r, _tiles(N, _interpret()), U.device)
     su = (U.stride(0), 0, U.stride(1)) if mix else U.stride()
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
     grid = (triton_cdiv(N, b["BLOCK_N"]), h, triton_cdiv(oh, b["BLOCK_O"]))
+    if _recorder is not None:
+        _record(expand_traffic, U, M, idx, w, srows, K, mix, y, base, b, grid)
+        return y
     _k()._expand_kernel[grid](
         U, M, idx, w, order, srows, base if base is not None else y, y, N, oh, r, K, float(scale),
         *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
@@ -184,6 +303,36 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
         BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"], num_warps=b["num_warps"],
         num_stages=b["num_stages"])
     return y
+
+
+def expand_traffic(U, M, idx, w, srows, K, mix, y, base, b, grid) -> Traffic:
+    N = U.shape[0]
+    h, m, r, oh = M.shape
+    BN, BO, BR = b["BLOCK_N"], b["BLOCK_O"], b["BLOCK_R"]
+    eu, em, ew, ey = U.element_size(), M.element_size(), w.element_size(), y.element_size()
+    req = dict.fromkeys(("U", "M", "IDX", "WGT", "ORDER", "SROWS", "BASE", "Y"), 0)
+    flops, oblocks = 0, _blocks_of(oh, BO)
+    for segs in _tile_runs(srows, N, BN):
+        nv = sum(segs)
+        for wo in oblocks:  # programs (tile, q, o-block), all h of them
+            req["ORDER"] += 8 * nv * h
+            req["SROWS"] += 8 * nv * h
+            for n in segs:
+                req["IDX"] += 8 * h * K
+                req["WGT"] += ew * h * K
+                req["M"] += h * K * r * wo * em
+                req["U"] += h * n * r * eu * (1 if mix else K)
+                flops += 2 * BN * BR * BO * h * (1 if mix else K)
+            if base is not None:
+                req["BASE"] += h * nv * wo * base.element_size()
+            req["Y"] += h * nv * wo * ey
+    present = torch.unique(srows[:N])
+    dist = {"U": N * r * eu * (1 if mix else K), "M": _skills_used(idx, present) * r * oh * em,
+            "IDX": 8 * present.numel() * h * K, "WGT": ew * present.numel() * h * K, "ORDER": 8 * N,
+            "SROWS": 8 * N, "BASE": N * h * oh * base.element_size() if base is not None else 0, "Y": N * h * oh * ey}
+    variant = dict(MIX=mix, HAS_BASE=base is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR,
+                   dtype=str(M.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return Traffic("_expand_kernel", grid, req, dist, flops, variant)
 
 
 def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transposed):
@@ -194,11 +343,14 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
     K = idx.shape[-1]
     if N == 0:
         return out.zero_()
-    b = _blocks(N, width, r, _interpret(), wide.device)
+    b = _blocks(N, width, r, _tiles(N, _interpret()), wide.device)
     so_q, so_s = out.stride(0), out.stride(1)
     so_w, so_r = (out.stride(3), out.stride(2)) if transposed else (out.stride(2), out.stride(3))
     sv = (V.stride(0), 0, V.stride(1)) if shared_v else V.stride()
     grid = (h * m, triton_cdiv(width, b["BLOCK_W"]))
+    if _recorder is not None:
+        _record(weight_grad_traffic, wide, V, idx, w, route_ids, out, width, shared_v, b, grid)
+        return out
     _k()._weight_grad_kernel[grid](
         wide, V, idx, w, route_ids, out, N, width, r, K, m, float(scale),
         wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_q, so_s, so_w, so_r,
@@ -207,15 +359,52 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
     return out
 
 
+def weight_grad_traffic(wide, V, idx, w, route_ids, out, width, shared_v, b, grid) -> Traffic:
+    N = wide.shape[0]
+    h, m = out.shape[:2]
+    r = V.shape[-1]
+    K = idx.shape[-1]
+    BN, BW, BR = b["BLOCK_N"], b["BLOCK_W"], b["BLOCK_R"]
+    programs, wblocks = h * m, _blocks_of(width, BW)
+    nblocks = [min(BN, N - n0) for n0 in range(0, N, BN)]
+    ew = wide.element_size()
+    vk = 1 if shared_v else K  # rank vectors read per token: one shared, or one per slot
+    req = {"WIDE": programs * N * width * ew, "VR": programs * len(wblocks) * N * r * 4 * vk,
+           "IDX": programs * len(wblocks) * N * K * 8, "WGT": programs * len(wblocks) * N * K * w.element_size(),
+           "RIDS": programs * len(wblocks) * N * 8, "OUT": programs * width * r * out.element_size()}
+    flops = 2 * BW * BN * BR * programs * len(wblocks) * len(nblocks)
+    present = torch.unique(route_ids)
+    dist = {"WIDE": N * h * width * ew, "VR": N * r * 4 * vk, "IDX": 8 * present.numel() * h * K,
+            "WGT": w.element_size() * present.numel() * h * K, "RIDS": 8 * N,
+            "OUT": programs * width * r * out.element_size()}
+    variant = dict(SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=BN, BLOCK_W=BW, BLOCK_R=BR,
+                   dtype=str(wide.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return Traffic("_weight_grad_kernel", grid, req, dist, flops, variant)
+
+
 def _segment_sum(P, order, offs, R):
     """Per-row sums of per-token rows of ``P (N, C)`` -> ``(R, C)`` float32, deterministic."""
     C = P.shape[1]
     out = torch.zeros(R, C, dtype=torch.float32, device=P.device)
     if R == 0 or P.shape[0] == 0:
         return out
+    BT = 16 if _tiles(P.shape[0], _interpret()) else 64
+    if _recorder is not None:
+        _record(segment_sum_traffic, P, offs, R, BT)
+        return out
     _k()._segment_sum_kernel[(R,)](P, order, offs, out, C, P.stride(0), out.stride(0),
-                                   BLOCK_T=16 if _interpret() else 64, BLOCK_C=_pow2(C, 2))
+                                   BLOCK_T=BT, BLOCK_C=_pow2(C, 2))
     return out
+
+
+def segment_sum_traffic(P, offs, R, BT) -> Traffic:
+    C = P.shape[1]
+    counts = (offs[1:R + 1] - offs[:R]).tolist()
+    n = sum(counts)
+    req = {"P": 4 * n * C, "ORDER": 8 * n, "OFFS": 16 * R, "OUT": 4 * R * C}
+    dist = {"P": 4 * n * C, "ORDER": 8 * n, "OFFS": 8 * (R + 1), "OUT": 4 * R * C}
+    variant = dict(BLOCK_T=BT, BLOCK_C=_pow2(C, 2), dtype=str(P.dtype), num_warps=4, num_stages=3)
+    return Traffic("_segment_sum_kernel", (R,), req, dist, 0, variant)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -381,10 +570,37 @@ def _route_op(logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Opti
                                                        renormalize, ex_offset)
     idx = torch.empty(R, h, K, dtype=torch.int64, device=logits.device)
     w = torch.empty(R, h, K, dtype=torch.float32, device=logits.device)
-    if R:
+    if R and _recorder is not None:
+        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, False)
+    elif R:
         _rk()._router_forward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, w, *scalars,
                                              *logits.stride(), *w.stride(), **consts)
     return idx, w
+
+
+def router_traffic(logits, rows_task, kind, K, noise, renormalize, backward) -> Traffic:
+    """One program per (routing row, head): the row's logits in, its K (index, weight) slots out;
+    in backward the slots' gradients in and the logits' gradient row out."""
+    T, h, m = logits.shape
+    R = rows_task.shape[0]
+    el, P = logits.element_size(), R * h
+    req = {"ROWS_TASK": 8 * P, "LOGITS": el * m * P}
+    dist = {"ROWS_TASK": 8 * R, "LOGITS": el * int(torch.unique(rows_task).numel()) * h * m}
+    if kind == "poly":
+        req["ROW_EX"], dist["ROW_EX"] = 8 * P, 8 * R
+        if noise:
+            req["SEED"], dist["SEED"] = 8 * P, 8
+    if not backward:
+        req.update(W=4 * K * P, IDX=8 * K * P)
+        dist.update(W=4 * K * P, IDX=8 * K * P)
+    else:
+        slot_reads = 0 if kind != "topk" else (3 if renormalize else 2)  # the kept indices, re-read per loop
+        req.update(DW=4 * K * P, IDX=8 * K * P * slot_reads, DZ=4 * m * P)
+        dist.update(DW=4 * K * P, IDX=8 * K * P if slot_reads else 0, DZ=4 * m * P)
+    name = "_router_backward_kernel" if backward else "_router_forward_kernel"
+    variant = dict(KIND=ROUTER_KINDS[kind], NOISE=noise, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2),
+                   dtype=str(logits.dtype), num_warps=4, num_stages=3)
+    return Traffic(name, (R, h), req, dist, 0, variant)
 
 
 @_route_op.register_fake
@@ -402,7 +618,9 @@ def _route_backward_op(dw: Tensor, logits: Tensor, rows_task: Tensor, row_exampl
                                                        renormalize, ex_offset)
     T = logits.shape[0]
     dz = torch.zeros(R, h, m, dtype=torch.float32, device=logits.device)
-    if R:
+    if R and _recorder is not None:
+        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, True)
+    elif R:
         dw_c = dw.contiguous().float()
         _rk()._router_backward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, dw_c, dw_c, dz, *scalars,
                                               *logits.stride(), *dw_c.stride(), dz.stride(0), dz.stride(1), **consts)

@@ -1,0 +1,142 @@
+"""Every Triton launcher's traffic formula equals what its kernel does, counted in the interpreter.
+
+For each launch: the grid, the bytes each tensor argument serves to masked loads and stores
+(every request, and each address once) and the FLOPs of the tl.dot calls at tile shape, on
+small random shapes with rows that tiles straddle, one token, r = 1, odd widths, and two
+tile configurations. Arguments passed the same storage (a placeholder, or ``base = y``) are
+compared together. All counts are exact: integers, no tolerance.
+"""
+import contextlib
+import itertools
+
+import pytest
+import torch
+from triton_counter import counting
+
+from routedlora.ops import triton_backend as tb
+
+pytestmark = pytest.mark.skipif(not tb.is_available(torch.device("cpu")), reason="needs Triton's interpreter")
+
+TILES = [None, dict(BLOCK_N=32, BLOCK_D=16, BLOCK_O=32, BLOCK_W=16, num_warps=1, num_stages=1)]
+SHAPES = [  # N, h, m, dh, oh, r, R, K
+    (37, 2, 4, 12, 9, 3, 5, 2), (1, 1, 3, 7, 5, 1, 1, 3), (50, 1, 6, 20, 33, 2, 50, 1), (64, 4, 3, 5, 6, 4, 3, 3)]
+CASES = list(itertools.product(SHAPES, ("random", "sequences", "tokens"), range(len(TILES))))
+
+
+def check(launch, traffic):
+    assert launch.kernel == traffic.kernel
+    assert tuple(launch.grid) == tuple(traffic.grid)
+    assert launch.flops == traffic.flops, "flops"
+    for group in launch.args:
+        names = group.split("|")
+        assert launch.requested(group) == sum(traffic.requested.get(n, 0) for n in names), f"{group} requested"
+        assert launch.distinct(group) == max(traffic.distinct.get(n, 0) for n in names), f"{group} distinct"
+
+
+def tiles(tile):
+    return tb.tile_override(TILES[tile]) if TILES[tile] else contextlib.nullcontext()
+
+
+def counted(tile, fn):
+    """The one kernel launch ``fn`` makes, counted in the interpreter, and the tile sizes it used."""
+    with tiles(tile), torch.no_grad(), counting() as launches:
+        fn()
+    assert len(launches) == 1
+    return launches[0]
+
+
+def blocks(tile, N, width, r):
+    with tiles(tile):
+        return tb._blocks(N, width, r, True)
+
+
+def setup(shape, layout, dtype=torch.float32, seed=0):
+    N, h, m, dh, oh, r, R, K = shape
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, h * dh, generator=g).to(dtype)
+    A = torch.randn(h, m, dh, r, generator=g).to(dtype)
+    B = torch.randn(h, m, r, oh, generator=g).to(dtype)
+    idx = torch.randint(0, m, (R, h, K), generator=g)
+    w = torch.rand(R, h, K, generator=g)
+    if layout == "random":
+        rid = torch.randint(0, R, (N,), generator=g)
+    elif layout == "sequences":
+        rid = torch.arange(N) * R // max(N, 1)
+    else:  # every token its own row (token-level routing)
+        rid = torch.arange(N) % R
+    order, srows, offs = tb._routing_meta(rid, R)
+    return X, A, B, idx, w, rid, order, srows, offs, g
+
+
+@pytest.mark.parametrize("shape,layout,tile", CASES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_shrink(shape, layout, tile, mode):
+    N, h, m, dh, oh, r, R, K = shape
+    if mode == 1 and h != 1:
+        pytest.skip("one result per slot: the outputs combine, one head")
+    X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, seed=N + mode)
+    out = (torch.empty(N, r), torch.empty(N, K, r), torch.empty(N, h, K))[mode]
+    v = torch.randn(N, r, generator=g) if mode == 2 else None
+    launch = counted(tile, lambda: tb._shrink(X, A, idx, w, order, srows, mode, K, out, v=v))
+    b = blocks(tile, N, dh, r)
+    check(launch, tb.shrink_traffic(X, A, idx, w, srows, mode, K, out, v, b, (tb.triton_cdiv(N, b["BLOCK_N"]),)))
+
+
+@pytest.mark.parametrize("shape,layout,tile", CASES)
+@pytest.mark.parametrize("mix,with_base", [(True, True), (True, False), (False, True)])
+def test_expand(shape, layout, tile, mix, with_base):
+    N, h, m, dh, oh, r, R, K = shape
+    if not mix and h != 1:
+        pytest.skip("one slot per rank vector: the outputs combine, one head")
+    X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, dtype=torch.float16, seed=N)
+    U = torch.randn((N, r) if mix else (N, K, r), generator=g)
+    y = torch.empty(N, h * oh, dtype=torch.float16)
+    base = torch.randn(N, h * oh, generator=g).half() if with_base else None
+    launch = counted(tile, lambda: tb._expand(U, B, idx, w, order, srows, K, 0.5, mix, y, base))
+    b = blocks(tile, N, oh, r)
+    grid = (tb.triton_cdiv(N, b["BLOCK_N"]), h, tb.triton_cdiv(oh, b["BLOCK_O"]))
+    check(launch, tb.expand_traffic(U, B, idx, w, srows, K, mix, y, base, b, grid))
+
+
+@pytest.mark.parametrize("shape,layout,tile", CASES)
+@pytest.mark.parametrize("shared_v,transposed", [(True, False), (False, True)])
+def test_weight_grad(shape, layout, tile, shared_v, transposed):
+    N, h, m, dh, oh, r, R, K = shape
+    X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, seed=N + 7)
+    V = torch.randn((N, r) if shared_v else (N, K, r), generator=g)
+    out = torch.empty(h, m, r, dh) if transposed else torch.empty(h, m, dh, r)
+    launch = counted(tile, lambda: tb._weight_grad(X, V, idx, w, rid, out, dh, 1.0, shared_v, transposed))
+    b = blocks(tile, N, dh, r)
+    grid = (h * m, tb.triton_cdiv(dh, b["BLOCK_W"]))
+    check(launch, tb.weight_grad_traffic(X, V, idx, w, rid, out, dh, shared_v, b, grid))
+
+
+@pytest.mark.parametrize("shape,layout", list(itertools.product(SHAPES, ("random", "sequences", "tokens"))))
+def test_segment_sum(shape, layout):
+    N, h, m, dh, oh, r, R, K = shape
+    X, A, B, idx, w, rid, order, srows, offs, g = setup(shape, layout, seed=N + 3)
+    P = torch.randn(N, h * K, generator=g)
+    launch = counted(0, lambda: tb._segment_sum(P, order, offs, R))
+    check(launch, tb.segment_sum_traffic(P, offs, R, 16))
+
+
+@pytest.mark.parametrize("kind,kw,noise", [("poly", {}, False), ("poly", {}, True), ("softmax", {}, False),
+                                           ("topk", dict(k=2), False), ("topk", dict(k=3, renormalize=False), False)])
+@pytest.mark.parametrize("R,h,m,T", [(5, 2, 4, 3), (1, 1, 3, 1), (9, 4, 6, 4)])
+def test_routers(kind, kw, noise, R, h, m, T):
+    g = torch.Generator().manual_seed(R + h)
+    logits = torch.randn(T, h, m, generator=g).half()
+    rows_task = torch.randint(0, T, (R,), generator=g)
+    row_example = torch.arange(R)
+    seed = torch.tensor([123]) if noise else None
+    K = kw.get("k", m)
+    renorm = kw.get("renormalize", True)
+    with torch.no_grad(), counting() as launches:
+        idx, w = tb._route_op(logits, rows_task, row_example, seed, kind, K, 1.0, renorm, 0)
+    (launch,) = launches
+    check(launch, tb.router_traffic(logits, rows_task, kind, K, noise, renorm, backward=False))
+    dw = torch.randn(R, h, K, generator=g)
+    with torch.no_grad(), counting() as launches:
+        tb._route_backward_op(dw, logits, rows_task, row_example, seed, idx, kind, K, 1.0, renorm, 0)
+    check(launches[0], tb.router_traffic(logits, rows_task, kind, K, noise, renorm, backward=True))
+    assert launches[1].kernel == "_segment_sum_kernel"  # logits' gradients summed per task
