@@ -23,7 +23,6 @@ code as it dispatches on this torch version. Task-id validation happens once per
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -33,7 +32,6 @@ import torch
 from routedlora.ops import plan
 from routedlora.ops.plan import H100
 
-from .counting import count as count_ops
 from .counting import saved_bytes
 from .peers import LayerCase, LayerInputs, layer_peers, routedlora_peer
 
@@ -53,8 +51,7 @@ DEVICE_MODEL = {
 
 IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]", "routedlora[triton]",
          "routedlora[cuda]")
-# what the instrument cannot count yet, said in the table rather than left out
-OWED = {"routedlora[cuda]": "not counted: csrc/'s decode and grouping kernels have no traffic formulas yet"}
+H100_SMS = 132  # the decode shrink splits d/h to fill them (csrc/decode.cu's decode_splits)
 
 
 def hbm_bytes(traffic) -> float:
@@ -126,11 +123,67 @@ def count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
         return _count_impl(name, inp, peer, pass_)
 
 
+class _PricedCsrc:
+    """Stands in for the ``routedlora_cuda`` ops while counting: outputs allocated (or, for the small
+    grouping metadata, computed by torch), and each launch recorded from its traffic formula."""
+
+    def __init__(self):
+        self.mode = None
+
+    def _add(self, traffic):
+        from .counting import Kernel
+
+        dtype = traffic.variant.get("dtype", "torch.float32").replace("torch.", "")
+        self.mode.counts.kernels.append(Kernel(traffic.kernel, float(traffic.flops), hbm_bytes(traffic), dtype,
+                                               detail=dict(grid=list(traffic.grid), requested=traffic.requested,
+                                                           distinct=traffic.distinct, variant=traffic.variant)))
+
+    def decode_forward(self, x, A, B, idx, w, route_ids, base, scale, params):
+        from routedlora.ops import cuda_backend
+
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        N, (h, _, dh, r), oh, K = x.shape[0], A.shape, B.shape[-1], idx.shape[2]
+        with _disable_current_modes():
+            splits = cuda_backend.decode_splits(N, h, dh, H100_SMS)
+            for t in cuda_backend.decode_traffic(x, A, B, idx, w, route_ids, base, params, splits):
+                self._add(t)
+        y = x.new_empty(N, h * oh)
+        return y, x.new_empty((N, r) if params else (N, K, r), dtype=torch.float32)
+
+    def group_by_row(self, route_ids, R):
+        from routedlora.ops import cuda_backend, triton_backend
+
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            self._add(cuda_backend.group_traffic(route_ids, R))
+            return triton_backend._routing_meta(route_ids, R)
+
+
 def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
+    if name == "routedlora[cuda]":
+        from routedlora.ops import cuda_backend
+
+        csrc = _PricedCsrc()
+        with cuda_backend.use_kernels(csrc):
+            return _count_layer(name, inp, peer, pass_, csrc)
+    return _count_layer(name, inp, peer, pass_)
+
+
+def _count_layer(name: str, inp: LayerInputs, peer, pass_: str, csrc=None) -> dict:
     module = _module(peer)
     call = _routed_call(peer, inp) if name.startswith("routedlora") else peer
-    expand = _triton_expansions() if name == "routedlora[triton]" else None
-    count = functools.partial(count_ops, expand=expand)
+    expand = _triton_expansions() if name in ("routedlora[triton]", "routedlora[cuda]") else None
+
+    def count(fn):
+        from .counting import CountingMode
+
+        with CountingMode(expand=expand) as mode:
+            if csrc is not None:
+                csrc.mode = mode
+            fn()
+        return mode.counts
     params = [p for p in module.parameters()]
     if pass_ == "fwd":
         module.eval()
@@ -205,24 +258,62 @@ def triton_resources(specs: List[dict]) -> Dict[str, dict]:
     return {k: known[k] for k in keys}
 
 
+def csrc_resources() -> Dict[tuple, dict]:
+    """sm_90a resources of every csrc kernel instantiation, by (kernel, dtype, flags); cached per source."""
+    import hashlib
+
+    from routedlora import cuda_build
+    from routedlora.cuda_build import cache_root
+    from routedlora.triton_kernels.compile_check import occupancy
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(cuda_build.csrc_dir().glob("*.cu*")))).hexdigest()
+    cache = cache_root() / f"csrc-resources-{digest[:16]}.json"
+    if cache.exists():
+        found = json.loads(cache.read_text())
+    else:
+        found = cuda_build.kernel_resources()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(found))
+    return {(f["kernel"], f["dtype"], tuple(f["flags"])):
+            dict(registers=f["registers"], spill_bytes=f["spill_bytes"],
+                 **occupancy(f["registers"], f["threads"] // 32, f["shared_bytes"])) for f in found}
+
+
+_CSRC_FLAGS = {"decode_shrink_kernel": ("PARAMS",), "decode_expand_kernel": ("PARAMS", "HAS_BASE"),
+               "group_by_row_kernel": ("SHARED",)}
+
+
 def _attach_resources(rows: List[dict]) -> None:
-    """Add each Triton kernel's sm_90 resources to its detail, and the worst of them to its row."""
+    """Add each custom kernel's sm_90 resources to its detail, and the worst of them to its row."""
     kernels = [k for r in rows for k in r.get("kernels", ()) if len(k) > 3]
-    if not kernels:
-        return
+    triton_kernels = [k for k in kernels if k[0] not in _CSRC_FLAGS]
     specs = {json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True): _spec(k[3]["variant"], k[0])
-             for k in kernels}
+             for k in triton_kernels}
+    found, errors = {}, []
     try:
-        found = triton_resources(list(specs.values()))
+        found.update(triton_resources(list(specs.values())) if specs else {})
     except Exception as e:  # no compiler here: the counts stand without the resources
-        for r in rows:
-            if any(len(k) > 3 for k in r.get("kernels", ())):
-                r["resources_error"] = f"{type(e).__name__}: {e}"
-        return
+        errors.append(f"triton: {type(e).__name__}: {e}")
+    if any(k[0] in _CSRC_FLAGS for k in kernels):
+        try:
+            for key, res in csrc_resources().items():
+                found[repr(key)] = res
+        except Exception as e:
+            errors.append(f"csrc: {type(e).__name__}: {e}")
+
+    def key_of(k):
+        v = k[3]["variant"]
+        if k[0] in _CSRC_FLAGS:
+            dtype = v.get("dtype", "").replace("torch.", "") or None
+            return repr((k[0], dtype, tuple(bool(v[f]) for f in _CSRC_FLAGS[k[0]])))
+        return json.dumps(_spec(v, k[0]), sort_keys=True)
+
     for r in rows:
-        mine = [k for k in r.get("kernels", ()) if len(k) > 3]
+        mine = [k for k in r.get("kernels", ()) if len(k) > 3 and key_of(k) in found]
+        if errors and any(len(k) > 3 for k in r.get("kernels", ())):
+            r["resources_error"] = "; ".join(errors)
         for k in mine:
-            k[3]["resources"] = found[json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True)]
+            k[3]["resources"] = found[key_of(k)]
         if mine:
             res = [k[3]["resources"] for k in mine]
             r["max_registers"] = max(x["registers"] for x in res)
@@ -236,12 +327,9 @@ def run(progress=None, impls=IMPLS, heads=(1, 4), resources: bool = True) -> dic
     for case_name, case_list in cases(heads).items():
         for case in case_list:
             inp = LayerInputs(case, device, case.seq_len)
-            peers = dict(layer_peers(device, case), **{"routedlora[triton]": routedlora_peer("triton")})
+            peers = dict(layer_peers(device, case), **{"routedlora[triton]": routedlora_peer("triton"),
+                                                       "routedlora[cuda]": routedlora_peer("cuda")})
             for name in impls:
-                if name in OWED:
-                    rows += [dict(impl=name, case=case_name, heads=case.heads, owed=OWED[name], **{"pass": p})
-                             for p in PASSES]
-                    continue
                 if name not in peers:
                     continue
                 peer = peers[name](inp)

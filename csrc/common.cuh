@@ -1,4 +1,5 @@
-// Shared by every kernel source: dtype helpers and the launch macro.
+// Shared by every kernel source: dtype helpers, the launch macro, and RL_LD / RL_ST, the
+// global-memory accesses (plain dereferences on a GPU; counted by the host emulator).
 //
 // The sources depend on the CUDA toolkit only (no torch headers), so each .cu compiles
 // on its own with `nvcc -c`. Defining RL_EMULATE compiles the same kernels as plain
@@ -16,12 +17,17 @@
 // A kernel launch is a call into the emulator; `stream` is ignored there.
 #define RL_LAUNCH(kernel, grid, block, stream, ...) ((void)(stream), ::rl_emu::launch(kernel, grid, block, __VA_ARGS__))
 #define RL_LAST_ERROR() cudaSuccess
+// global-memory reads and writes, counted by the emulator (the traffic formulas are checked against them)
+#define RL_LD(p) (::rl_emu::load(p))
+#define RL_ST(p, v) (::rl_emu::store((p), (v)))
 #else
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define RL_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #define RL_LAST_ERROR() cudaGetLastError()
+#define RL_LD(p) (*(p))
+#define RL_ST(p, v) (*(p) = (v))
 #endif
 
 namespace routedlora {

@@ -66,31 +66,31 @@ decode_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const int
 
   // the block's tokens in turn: their skills' rows of A for this chunk stay in L1
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row = route_ids[n];
+    const int64_t row = RL_LD(route_ids + n);
     const bool row_ok = row >= 0 && row < R;
     const T* xrow = x + n * h * dh + q * dh + c0;
-    for (int64_t c = t; c < len; c += kShrinkThreads) xs[c] = to_float(xrow[c]);
+    for (int64_t c = t; c < len; c += kShrinkThreads) xs[c] = to_float(RL_LD(xrow + c));
     __syncthreads();
     float acc = 0.f;
     for (int64_t j = 0; j < K; ++j) {
       const int64_t slot = (row * h + q) * K + j;
-      const int64_t k = row_ok ? idx[slot] : -1;
+      const int64_t k = row_ok ? RL_LD(idx + slot) : -1;
       const bool ok = k >= 0 && k < m;
       float dot = 0.f;
       if (active && ok) {
         const T* a = A + ((q * m + k) * dh + c0) * r + col;
-        for (int64_t c = p; c < len; c += P) dot += xs[c] * to_float(a[c * r]);
+        for (int64_t c = p; c < len; c += P) dot += xs[c] * to_float(RL_LD(a + c * r));
       }
       if (!ok) dot = quiet_nan();  // a bad index poisons the token, never a wild read
       if (PARAMS) {
-        acc += (ok ? w[slot] : 1.f) * dot;
+        acc += (ok ? RL_LD(w + slot) : 1.f) * dot;
       } else {
         red[t] = dot;
         __syncthreads();
         if (t < r) {
           float sum = 0.f;
           for (int pp = 0; pp < P; ++pp) sum += red[pp * r + t];
-          part[((s * h + q) * N + n) * J * r + j * r + t] = sum;
+          RL_ST(part + ((s * h + q) * N + n) * J * r + j * r + t, sum);
         }
         __syncthreads();
       }
@@ -102,7 +102,7 @@ decode_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const int
       if (t < r) {
         float sum = 0.f;
         for (int pp = 0; pp < P; ++pp) sum += red[pp * r + t];
-        part[((s * h + q) * N + n) * r + t] = sum;
+        RL_ST(part + ((s * h + q) * N + n) * r + t, sum);
       }
     }
     __syncthreads();  // xs and red are refilled for the next token
@@ -130,23 +130,23 @@ decode_expand_kernel(const float* __restrict__ part, const T* __restrict__ B, co
   const int64_t c = static_cast<int64_t>(blockIdx.z) * 32 + lane;
 
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row = route_ids[n];
+    const int64_t row = RL_LD(route_ids + n);
     const bool row_ok = row >= 0 && row < R;
     // one warp per activation value, its lanes over the partials, a fixed-order shuffle sum.
     // params: u adds every head's partials (the heads split d, so x Â adds over them)
     for (int64_t e = warp; e < J * r; e += kExpandWarps) {
       float sum = 0.f;
       for (int64_t src = lane; src < sources; src += 32) {
-        sum += PARAMS ? part[(src * N + n) * r + e] : part[(src * N + n) * J * r + e];
+        sum += PARAMS ? RL_LD(part + (src * N + n) * r + e) : RL_LD(part + (src * N + n) * J * r + e);
       }
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       if (lane == 0) {
         act[e] = sum;
-        if (q == 0 && blockIdx.z == 0) saved[n * J * r + e] = sum;
+        if (q == 0 && blockIdx.z == 0) RL_ST(saved + n * J * r + e, sum);
       }
     }
     for (int64_t j = t; j < K; j += kExpandThreads) {
-      const int64_t k = row_ok ? idx[(row * h + q) * K + j] : -1;
+      const int64_t k = row_ok ? RL_LD(idx + (row * h + q) * K + j) : -1;
       skill[j] = (k >= 0 && k < m) ? k : -1;
     }
     __syncthreads();
@@ -155,7 +155,7 @@ decode_expand_kernel(const float* __restrict__ part, const T* __restrict__ B, co
     for (int e = t; e < terms; e += kExpandThreads) {
       const int j = e / rank;
       const float a = PARAMS ? act[e % rank] : act[e];
-      coef[e] = skill[j] >= 0 ? scale * w[(row * h + q) * K + j] * a : quiet_nan();
+      coef[e] = skill[j] >= 0 ? scale * RL_LD(w + (row * h + q) * K + j) * a : quiet_nan();
     }
     __syncthreads();
 
@@ -165,7 +165,7 @@ decode_expand_kernel(const float* __restrict__ part, const T* __restrict__ B, co
     if (c < oh) {
       for (int e = warp; e < terms; e += kExpandWarps) {
         const int64_t k = skill[e / rank];
-        acc += k >= 0 ? coef[e] * to_float(B[((q * m + k) * r + e % rank) * oh + c]) : quiet_nan();
+        acc += k >= 0 ? coef[e] * to_float(RL_LD(B + ((q * m + k) * r + e % rank) * oh + c)) : quiet_nan();
       }
     }
     red[warp][lane] = acc;
@@ -174,8 +174,8 @@ decode_expand_kernel(const float* __restrict__ part, const T* __restrict__ B, co
       float sum = row_ok ? 0.f : quiet_nan();
       for (int s = 0; s < kExpandWarps; ++s) sum += red[s][lane];
       const int64_t o = n * h * oh + q * oh + c;
-      if (HAS_BASE) sum += to_float(base[o]);
-      y[o] = from_float<T>(sum);
+      if (HAS_BASE) sum += to_float(RL_LD(base + o));
+      RL_ST(y + o, from_float<T>(sum));
     }
     __syncthreads();  // act, coef, skill and red are refilled for the next token
   }

@@ -37,12 +37,12 @@ group_by_row_kernel(const int64_t* __restrict__ route_ids, int64_t N, int64_t R,
   const int warp = t >> 5;
   const unsigned below = (1u << lane) - 1u;
 
-  for (int64_t e = t; e <= R; e += kGroupThreads) cursor[e] = 0;
+  for (int64_t e = t; e <= R; e += kGroupThreads) RL_ST(cursor + e, 0);
   __syncthreads();
 
   for (int64_t start = 0; start < N; start += kGroupThreads) {
     const int64_t n = start + t;
-    const long long key = n < N ? bucket_of(route_ids[n], R) : -1;
+    const long long key = n < N ? bucket_of(RL_LD(route_ids + n), R) : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, key);
     if (key >= 0 && (peers & below) == 0) atomicAdd(&cursor[key], __popc(peers));
   }
@@ -53,7 +53,7 @@ group_by_row_kernel(const int64_t* __restrict__ route_ids, int64_t N, int64_t R,
   const int64_t lo = t * per < R + 1 ? t * per : R + 1;
   const int64_t hi = lo + per < R + 1 ? lo + per : R + 1;
   int64_t local = 0;
-  for (int64_t e = lo; e < hi; ++e) local += cursor[e];
+  for (int64_t e = lo; e < hi; ++e) local += RL_LD(cursor + e);
   partial[t] = local;
   __syncthreads();
   for (int off = 1; off < kGroupThreads; off <<= 1) {
@@ -64,27 +64,27 @@ group_by_row_kernel(const int64_t* __restrict__ route_ids, int64_t N, int64_t R,
   }
   int64_t run = partial[t] - local;
   for (int64_t e = lo; e < hi; ++e) {
-    const int32_t count = cursor[e];
-    offs[e] = run;
-    cursor[e] = static_cast<int32_t>(run);
+    const int32_t count = RL_LD(cursor + e);
+    RL_ST(offs + e, run);
+    RL_ST(cursor + e, static_cast<int32_t>(run));
     run += count;
   }
   __syncthreads();
 
   for (int64_t start = 0; start < N; start += kGroupThreads) {
     const int64_t n = start + t;
-    const int64_t id = n < N ? route_ids[n] : 0;
+    const int64_t id = n < N ? RL_LD(route_ids + n) : 0;
     const long long key = n < N ? bucket_of(id, R) : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, key);
     const int rank = __popc(peers & below);
     for (int turn = 0; turn < kWarps; ++turn) {
       if (warp == turn) {
-        const int32_t first = key >= 0 ? cursor[key] : 0;
+        const int32_t first = key >= 0 ? RL_LD(cursor + key) : 0;
         __syncwarp();  // every peer has read the cursor before the leader moves it
         if (key >= 0) {
-          if (rank == 0) cursor[key] = first + __popc(peers);
-          order[first + rank] = n;
-          srows[first + rank] = id;
+          if (rank == 0) RL_ST(cursor + key, first + __popc(peers));
+          RL_ST(order + first + rank, n);
+          RL_ST(srows + first + rank, id);
         }
       }
       __syncthreads();

@@ -232,6 +232,50 @@ def compile_check(archs: Sequence[str] = COMPILE_CHECK_ARCHS, bindings: bool = T
     return results
 
 
+# template arguments as nvcc mangles them, and each kernel's block size (csrc/*.cu)
+_MANGLED_TYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+KERNEL_THREADS = {"decode_shrink_kernel": 256, "decode_expand_kernel": 256, "group_by_row_kernel": 1024}
+
+
+def kernel_resources(arch: str = "sm_90a") -> List[dict]:
+    """Registers, spills and static shared memory of every csrc kernel instantiation, from ptxas -v.
+
+    One dict per instantiation: ``kernel``, ``dtype`` (or None), ``flags`` (its bool template
+    arguments in order), ``registers``, ``spill_bytes``, ``shared_bytes``, ``threads``. Raises
+    FileNotFoundError when there is no nvcc.
+    """
+    import re
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("no nvcc on PATH or under CUDA_HOME")
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in kernel_sources():
+            cmd = [nvcc, "-c", *NVCC_FLAGS, f"-arch={arch}", "-Xptxas", "-v", f"-I{csrc_dir()}", str(src),
+                   "-o", str(Path(tmp) / "k.o")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            entry = None
+            for line in (proc.stdout + proc.stderr).splitlines():
+                m = re.search(r"Compiling entry function '([^']+)'", line)
+                if m:
+                    name = m.group(1)
+                    k = re.search(r"(decode_shrink_kernel|decode_expand_kernel|group_by_row_kernel)I(.*?)EEv", name)
+                    args = k.group(2)
+                    dtype = next((d for mangled, d in _MANGLED_TYPES.items() if args.startswith(mangled)), None)
+                    flags = [b == "1" for b in re.findall(r"Lb([01])E", args)]
+                    entry = dict(kernel=k.group(1), dtype=dtype, flags=flags, threads=KERNEL_THREADS[k.group(1)])
+                    found.append(entry)
+                m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+                if m and entry is not None:
+                    entry["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+                m = re.search(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?", line)
+                if m and entry is not None:
+                    entry["registers"] = int(m.group(1))
+                    entry["shared_bytes"] = int(m.group(2) or 0)
+    return found
+
+
 def _check_bindings(tmp: str) -> tuple:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     cuda_inc = cuda_include_dir()

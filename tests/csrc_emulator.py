@@ -7,6 +7,7 @@ split choice), so the same Python code can drive either.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -67,12 +68,56 @@ def library():
     lib.rl_emu_group_scratch_numel.argtypes = [i64]
     lib.rl_emu_group_by_row.restype = i32
     lib.rl_emu_group_by_row.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.rl_emu_count.argtypes = [i32]
+    lib.rl_emu_count_size.restype = i64
+    lib.rl_emu_count_copy.argtypes = [ptr]
     _lib = lib
     return lib
 
 
+@contextlib.contextmanager
+def counting():
+    """Yields a list that, after the block, holds one list per emulated launch in it, of the
+    ``(address, bytes, is_store)`` of every global-memory access that launch made."""
+    lib = library()
+    launches = []
+    lib.rl_emu_count(1)
+    try:
+        yield launches
+    finally:
+        n = lib.rl_emu_count_size()
+        raw = torch.empty(3 * n, dtype=torch.int64)
+        lib.rl_emu_count_copy(ctypes.c_void_p(raw.data_ptr()))
+        lib.rl_emu_count(0)
+        for event in map(tuple, raw.view(n, 3).tolist()):
+            if event[2] == 2:
+                launches.append([])
+            else:
+                launches[-1].append(event)
+
+
+def traffic(events, tensors: dict) -> dict:
+    """``{name: (bytes requested, distinct bytes)}`` of the accesses that fall in each tensor's storage."""
+    out = {}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        lo = t.untyped_storage().data_ptr()
+        hi = lo + t.untyped_storage().nbytes()
+        hits = [(a, b) for a, b, _ in events if lo <= a < hi]
+        touched = set()
+        for a, b in hits:
+            touched.update(range(a, a + b))
+        out[name] = (sum(b for _, b in hits), len(touched))
+    return out
+
+
 def _p(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+# the scratch buffers of the last emulated launch (the traffic tests attribute accesses to them)
+last_scratch: dict = {}
 
 
 def decode_forward(x, A, B, idx, w, route_ids, base, scale: float, params: bool, splits: Optional[int] = None):
@@ -95,6 +140,8 @@ def decode_forward(x, A, B, idx, w, route_ids, base, scale: float, params: bool,
                                     float(scale))
     if err:
         raise RuntimeError(f"decode_forward: launch refused (cudaError {err})")
+    last_scratch.clear()
+    last_scratch.update(part=part, splits=splits)
     return y, saved
 
 
@@ -110,6 +157,8 @@ def group_by_row(route_ids, R: int):
     err = lib.rl_emu_group_by_row(_p(rid), N, R, _p(order), _p(srows), _p(offs), _p(scratch))
     if err:
         raise RuntimeError(f"group_by_row: launch refused (cudaError {err})")
+    last_scratch.clear()
+    last_scratch.update(scratch=scratch)
     return order, srows, offs
 
 

@@ -489,3 +489,75 @@ def test_cpu_tensors_refused_after_a_build(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_stand_in", False)
     with pytest.raises(CudaBackendUnavailable, match="backend='cuda'"):
         resolve_backend("cuda", torch.device("cpu"))
+
+
+# --- traffic formulas against the emulator's count of global-memory accesses --------------
+
+
+def _check_traffic(launch_events, traffic, tensors, all_global=True):
+    got = csrc_emulator.traffic(launch_events, tensors)
+    for name, (requested, distinct) in got.items():
+        assert requested == traffic.requested.get(name, 0), f"{traffic.kernel} {name} requested"
+        assert distinct == traffic.distinct.get(name, 0), f"{traffic.kernel} {name} distinct"
+    if all_global:  # no counted access falls outside the arguments
+        assert sum(b for _, b, _ in launch_events) == sum(traffic.requested.values())
+
+
+@needs_emulator
+@pytest.mark.parametrize("N,h,m,dh,oh,r,R,K,splits", [
+    (5, 2, 3, 10, 7, 3, 3, 2, None), (11, 1, 4, 33, 40, 1, 4, 3, 2), (1, 4, 2, 8, 8, 2, 1, 2, None),
+    (19, 1, 5, 70, 33, 4, 19, 1, 5), (9, 2, 3, 12, 65, 3, 2, 3, 40)])
+@pytest.mark.parametrize("params,with_base", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_traffic_formulas_match_the_emulator(N, h, m, dh, oh, r, R, K, splits, params, with_base, dtype):
+    if not params and h != 1:
+        pytest.skip("outputs combine: one head")
+    g = torch.Generator().manual_seed(N + h)
+    x, A, B = (torch.randn(*s, generator=g).to(dtype) for s in ((N, h * dh), (h, m, dh, r), (h, m, r, oh)))
+    idx, w = torch.randint(0, m, (R, h, K), generator=g), torch.rand(R, h, K, generator=g)
+    rid = torch.randint(0, R, (N,), generator=g)
+    base = torch.randn(N, h * oh, generator=g).to(dtype) if with_base else None
+    with csrc_emulator.counting() as launches:
+        y, saved = csrc_emulator.decode_forward(x, A, B, idx, w, rid, base, 0.5, params, splits=splits)
+    scratch = csrc_emulator.last_scratch
+    shrink, expand = cuda_backend.decode_traffic(x, A, B, idx, w, rid, base, params, scratch["splits"])
+    tensors = dict(x=x, A=A, B=B, idx=idx, w=w, route_ids=rid, base=base, y=y, saved=saved, part=scratch["part"])
+    assert len(launches) == 2
+    _check_traffic(launches[0], shrink, tensors)
+    _check_traffic(launches[1], expand, tensors)
+
+
+@needs_emulator
+@pytest.mark.parametrize("N,R,pattern", [(37, 5, "random"), (3000, 17, "sorted"), (200, 5000, "random"),
+                                         (64, 9, "out of range"), (1, 1, "sorted")])
+def test_grouping_traffic_formula_matches_the_emulator(N, R, pattern):
+    g = torch.Generator().manual_seed(N)
+    rid = torch.randint(0, R, (N,), generator=g)
+    if pattern == "sorted":
+        rid = rid.sort().values
+    elif pattern == "out of range":
+        rid[::7] = R + 3
+    with csrc_emulator.counting() as launches:
+        order, srows, offs = csrc_emulator.group_by_row(rid, R)
+    tensors = dict(route_ids=rid, order=order, srows=srows, offs=offs, scratch=csrc_emulator.last_scratch["scratch"])
+    (events,) = launches
+    # below GROUP_SHARED_ROWS the row counters live in shared memory: their accesses are not global
+    _check_traffic(events, cuda_backend.group_traffic(rid, R), tensors, all_global=R >= cuda_backend.GROUP_SHARED_ROWS)
+
+
+@needs_emulator
+def test_python_decode_splits_match_the_kernels():
+    lib = csrc_emulator.library()
+    for N, h, dh, sms in [(1, 1, 8, 1), (8, 4, 4096, 132), (9, 16, 31, 4), (64, 1, 5000, 132), (100, 4, 1024, 1)]:
+        assert cuda_backend.decode_splits(N, h, dh, sms) == lib.rl_emu_decode_splits(N, h, dh, sms)
+
+
+@pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
+def test_kernel_resources_for_sm90a():
+    # registers, spills and shared memory of every instantiation, as the cost suite reports them
+    found = cuda_build.kernel_resources()
+    kinds = {(f["kernel"], f["dtype"], tuple(f["flags"])) for f in found}
+    assert ("decode_shrink_kernel", "bfloat16", (True,)) in kinds
+    assert ("decode_expand_kernel", "float16", (False, True)) in kinds
+    assert ("group_by_row_kernel", None, (True,)) in kinds
+    assert all(f["registers"] > 0 and f["spill_bytes"] == 0 for f in found)

@@ -91,10 +91,15 @@ def resources(spec: dict, arch: int = 90) -> dict:
     spill_st, spill_ld = (int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
                                                     text).groups())
     smem = int(compiled.metadata.shared)
-    per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
-    blocks = min(SM_REGS // (per_warp * warps), SM_WARPS // warps, SM_BLOCKS, SM_SMEM // smem if smem else SM_BLOCKS)
-    return dict(registers=regs, spill_bytes=spill_st + spill_ld, shared_bytes=smem, num_warps=warps,
-                blocks_per_sm=blocks, occupancy=blocks * warps / SM_WARPS)
+    return dict(registers=regs, spill_bytes=spill_st + spill_ld, **occupancy(regs, warps, smem))
+
+
+def occupancy(registers: int, warps: int, shared_bytes: int) -> dict:
+    """Blocks of ``warps`` warps resident per H100 SM, and the fraction of its 64 warps they fill."""
+    per_warp = -(-registers * 32 // REG_UNIT) * REG_UNIT
+    blocks = min(SM_REGS // (per_warp * warps), SM_WARPS // warps, SM_BLOCKS,
+                 SM_SMEM // shared_bytes if shared_bytes else SM_BLOCKS)
+    return dict(shared_bytes=shared_bytes, num_warps=warps, blocks_per_sm=blocks, occupancy=blocks * warps / SM_WARPS)
 
 
 def router_variants(RK):

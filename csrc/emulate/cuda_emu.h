@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -59,6 +60,37 @@ struct ThreadState {
 inline thread_local ThreadState state;
 inline dim3 grid_dim, block_dim;
 
+// Global-memory traffic, for checking the kernels' traffic formulas: while `counting` is on,
+// every RL_LD / RL_ST (and atomic) appends (address, bytes, is_store), and every launch a
+// marker (0, 0, 2); the caller attributes addresses to its arguments. Shared memory is not
+// global memory and is not counted.
+struct Access {
+  uint64_t address;
+  uint32_t bytes;
+  uint32_t store;
+};
+inline std::atomic<bool> counting{false};
+inline std::mutex access_lock;
+inline std::vector<Access> accesses;
+
+inline void record(const void* p, uint32_t bytes, bool store) {
+  if (!counting.load(std::memory_order_relaxed)) return;
+  std::lock_guard<std::mutex> guard(access_lock);
+  accesses.push_back({reinterpret_cast<uint64_t>(p), bytes, store ? 1u : 0u});
+}
+
+template <typename T>
+T load(const T* p) {
+  record(p, sizeof(T), false);
+  return *p;
+}
+
+template <typename T, typename V>
+T store(T* p, V v) {
+  record(p, sizeof(T), true);
+  return *p = static_cast<T>(v);
+}
+
 inline Warp& my_warp() { return *state.block->warps[state.linear / 32]; }
 inline int my_lane() { return state.linear % 32; }
 
@@ -99,6 +131,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
   if (threads <= 0 || threads % 32 != 0) throw std::logic_error("rl_emu: block size must be a multiple of 32");
   grid_dim = grid;
   block_dim = block;
+  if (counting.load()) {  // a marker between launches: (0, 0, 2)
+    std::lock_guard<std::mutex> guard(access_lock);
+    accesses.push_back({0, 0, 2});
+  }
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -165,5 +201,13 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline float __int_as_float(int v) { return ::rl_emu::from_bits<float>(static_cast<uint32_t>(v)); }
 
-inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
-inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
+inline int atomicAdd(int* address, int value) {
+  ::rl_emu::record(address, sizeof(int), false);
+  ::rl_emu::record(address, sizeof(int), true);
+  return std::atomic_ref<int>(*address).fetch_add(value);
+}
+inline float atomicAdd(float* address, float value) {
+  ::rl_emu::record(address, sizeof(float), false);
+  ::rl_emu::record(address, sizeof(float), true);
+  return std::atomic_ref<float>(*address).fetch_add(value);
+}

@@ -30,6 +30,25 @@ int rl_emu_decode_forward(int dtype, const void* x, const void* A, const void* B
                                                             K, splits, params != 0, scale, nullptr));
 }
 
+// Global-memory accesses of the launches between rl_emu_count(1) and rl_emu_count(0):
+// rl_emu_count_size() triples (address, bytes, is_store), copied out by rl_emu_count_copy.
+void rl_emu_count(int on) {
+  std::lock_guard<std::mutex> guard(rl_emu::access_lock);
+  rl_emu::accesses.clear();
+  rl_emu::counting.store(on != 0);
+}
+
+int64_t rl_emu_count_size() { return static_cast<int64_t>(rl_emu::accesses.size()); }
+
+void rl_emu_count_copy(uint64_t* out) {
+  std::lock_guard<std::mutex> guard(rl_emu::access_lock);
+  for (size_t i = 0; i < rl_emu::accesses.size(); ++i) {
+    out[3 * i] = rl_emu::accesses[i].address;
+    out[3 * i + 1] = rl_emu::accesses[i].bytes;
+    out[3 * i + 2] = rl_emu::accesses[i].store;
+  }
+}
+
 int64_t rl_emu_group_scratch_numel(int64_t R) { return routedlora::group_scratch_numel(R); }
 
 int rl_emu_group_by_row(const int64_t* route_ids, int64_t N, int64_t R, int64_t* order, int64_t* srows,

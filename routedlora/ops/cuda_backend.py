@@ -136,3 +136,100 @@ def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None)
 
 
 route = triton_backend.route
+
+
+# --- what each launch costs: traffic formulas of the csrc kernels -----------------------
+#
+# As for the Triton launchers (triton_backend.Traffic): per kernel argument, the bytes its
+# threads request from global memory (every thread's access counted) and the distinct bytes
+# they touch, checked exactly against the host emulator's count of RL_LD / RL_ST accesses
+# (tests/test_csrc.py). Thread counts and limits mirror csrc/decode.cu and csrc/group_rows.cu.
+SHRINK_THREADS = EXPAND_THREADS = 256
+EXPAND_WARPS = EXPAND_THREADS // 32
+TOKENS_PER_BLOCK = 8
+GROUP_THREADS = 1024
+GROUP_SHARED_ROWS = 4096
+
+
+def decode_tokens_per_block(N: int) -> int:
+    return N if N < TOKENS_PER_BLOCK else TOKENS_PER_BLOCK
+
+
+MAX_CHUNK = 1024  # csrc/decode.cu's kMaxChunk: rows of d/h one shrink block stages
+
+
+def decode_splits(N: int, h: int, dh: int, sm_count: int) -> int:
+    """How many blocks split d/h in the decode shrink (csrc/decode.cu's decode_splits, in Python)."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    fewest = cdiv(dh, MAX_CHUNK)
+    most = max(fewest, cdiv(dh, 32))
+    blocks = max(cdiv(N, decode_tokens_per_block(N)) * h, 1)
+    return max(1, min(max(cdiv(2 * max(sm_count, 1), blocks), fewest), most))
+
+
+def decode_traffic(x, A, B, idx, w, route_ids, base, params: bool, splits: int):
+    """``(shrink, expand)`` :class:`~routedlora.ops.triton_backend.Traffic` of one decode forward.
+
+    Valid routing rows and skill indices assumed (an invalid one skips its reads).
+    """
+    from .triton_backend import Traffic
+
+    N = x.shape[0]
+    h, m, dh, r = A.shape
+    oh = B.shape[-1]
+    R, _, K = idx.shape
+    J = 1 if params else K
+    G = decode_tokens_per_block(N)
+    groups = -(-N // G)
+    chunk = -(-dh // splits)
+    ex, eA, eB = x.element_size(), A.element_size(), B.element_size()
+    present = torch.unique(route_ids)
+    pairs = sum(int(torch.unique(idx[present, q]).numel()) for q in range(h))  # (head, skill) pairs read
+    rows_read = present.numel() * h * K
+    # shrink: grid (groups, h, splits); per token, every thread reads its row id, index and weight
+    width = sum(max(0, min(chunk, dh - s * chunk)) for s in range(splits))  # = dh: the splits cover d/h once
+    shrink = {"route_ids": 8 * SHRINK_THREADS * N * h * splits, "x": ex * N * h * width,
+              "idx": 8 * SHRINK_THREADS * N * h * splits * K, "A": eA * N * h * K * width * r,
+              "w": 4 * SHRINK_THREADS * N * h * splits * K if params else 0,
+              "part": 4 * N * h * splits * J * r}
+    shrink_d = {"route_ids": 8 * N, "x": ex * N * h * dh, "idx": 8 * rows_read, "A": eA * pairs * dh * r,
+                "w": 4 * rows_read if params else 0, "part": 4 * N * h * splits * J * r}
+    # expand: grid (groups, h, cdiv(oh, 32)); per token a block sums the partials, reads the
+    # slots' indices and weights, and its 32 columns of every selected skill's B rows
+    Z = -(-oh // 32)
+    sources = splits * h if params else splits
+    expand = {"route_ids": 8 * EXPAND_THREADS * N * h * Z, "part": 4 * N * h * Z * J * r * sources,
+              "saved": 4 * N * J * r, "idx": 8 * N * h * Z * K, "w": 4 * N * h * Z * K * r,
+              "B": eB * N * h * oh * K * r, "y": eB * N * h * oh, "base": eB * N * h * oh if base is not None else 0}
+    expand_d = {"route_ids": 8 * N, "part": 4 * N * h * splits * J * r, "saved": 4 * N * J * r,
+                "idx": 8 * rows_read, "w": 4 * rows_read, "B": eB * pairs * r * oh, "y": eB * N * h * oh,
+                "base": eB * N * h * oh if base is not None else 0}
+    dtype = str(x.dtype)
+    return (Traffic("decode_shrink_kernel", (groups, h, splits), shrink, shrink_d, 2 * N * h * K * dh * r,
+                    dict(PARAMS=params, dtype=dtype, threads=SHRINK_THREADS)),
+            Traffic("decode_expand_kernel", (groups, h, Z), expand, expand_d, 2 * N * h * oh * K * r,
+                    dict(PARAMS=params, HAS_BASE=base is not None, dtype=dtype, threads=EXPAND_THREADS)))
+
+
+def group_traffic(route_ids: Tensor, R: int):
+    """:class:`~routedlora.ops.triton_backend.Traffic` of one ``group_by_row`` launch (one block).
+
+    The row counters are in shared memory below ``GROUP_SHARED_ROWS`` rows (not global traffic),
+    in the ``scratch`` argument above.
+    """
+    from .triton_backend import Traffic
+
+    N = route_ids.shape[0]
+    ids = route_ids.tolist()
+    keys = [i if 0 <= i < R else R for i in ids]
+    # leaders per warp of 32 consecutive tokens: one atomic (count) and one cursor move (scatter) per key
+    leaders = sum(len(set(keys[w0:w0 + 32])) for w0 in range(0, N, 32))
+    req = {"route_ids": 16 * N, "order": 8 * N, "srows": 8 * N, "offs": 8 * (R + 1)}
+    dist = {"route_ids": 8 * N, "order": 8 * N, "srows": 8 * N, "offs": 8 * (R + 1)}
+    if R >= GROUP_SHARED_ROWS:
+        # zeroed, counted (an atomic reads and writes), scanned (two reads, one write), then read by
+        # every token and moved by each warp's leader of a row
+        req["scratch"] = 4 * ((R + 1) + 2 * leaders + 3 * (R + 1) + N + leaders)
+        dist["scratch"] = 4 * (R + 1)
+    return Traffic("group_by_row_kernel", (1,), req, dist, 0,
+                   dict(SHARED=R < GROUP_SHARED_ROWS, threads=GROUP_THREADS))
