@@ -114,7 +114,7 @@ def environment(device: torch.device, profile: str) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
             "peft": _version("peft"), "transformers": _version("transformers"),
             "python": platform.python_version(), "git_commit": commit,
-            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

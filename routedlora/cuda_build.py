@@ -206,14 +206,19 @@ def _run(cmd: Sequence[str]) -> tuple:
     return failed, out
 
 
+def _require_nvcc() -> str:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("no nvcc on PATH or under CUDA_HOME")
+    return nvcc
+
+
 def compile_check(archs: Sequence[str] = COMPILE_CHECK_ARCHS, bindings: bool = True) -> List[tuple]:
     """Compile each ``.cu`` for each arch (``nvcc -c``) and syntax-check ``bindings.cpp``.
 
     Returns ``[(what, failed, output)]``. Raises FileNotFoundError when there is no nvcc.
     """
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise FileNotFoundError("no nvcc on PATH or under CUDA_HOME")
+    nvcc = _require_nvcc()
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = []
@@ -246,9 +251,7 @@ def kernel_resources(arch: str = "sm_90a") -> List[dict]:
     """
     import re
 
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise FileNotFoundError("no nvcc on PATH or under CUDA_HOME")
+    nvcc = _require_nvcc()
     found = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in kernel_sources():
