@@ -18,11 +18,14 @@ and gives:
 Each kernel is priced as reading its inputs from and writing its outputs to HBM: a separate op
 cannot keep a tensor in L2 for the next (50 MB is less than one 16k × 4096 bf16 activation).
 It is a projection from counts, not a measurement; the counts themselves are exact for the
-code as it dispatches on this torch version. Task-id validation happens once per batch in
-``routedlora.routing`` and is not counted per layer.
+code as it dispatches on this torch version. Task-id validation and the batch's routing metadata
+(token rows, their grouping by row, the rows' grouping by task) happen once per batch and are shared
+by every routed layer of a model: they are built before the layer is counted, and their own counts
+are in each routedlora row's ``per_batch``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -56,9 +59,23 @@ H100_SMS = 132  # the decode shrink splits d/h to fill them (csrc/decode.cu's de
 
 def hbm_bytes(traffic) -> float:
     """A kernel's main-memory traffic: each argument's distinct bytes if it fits in L2, else every
-    request (a tensor re-read by many programs is re-read from HBM once L2 cannot hold it)."""
+    request (a tensor re-read by many programs is re-read from HBM once L2 cannot hold it).
+
+    An argument the launcher declares *streamed* (each of its tiles read by a run of consecutive
+    programs) counts once if one wave of programs' tiles of it, plus every re-read argument that
+    fits in L2, fit in L2 together; else every request."""
     l2 = DEVICE_MODEL["l2_bytes"]
-    return float(sum(d if d <= l2 else traffic.requested.get(a, 0) for a, d in traffic.distinct.items()))
+    streamed = getattr(traffic, "streamed", {})
+    resident = sum(d for a, d in traffic.distinct.items()
+                   if a not in streamed and d <= l2 and traffic.requested.get(a, 0) > d)
+    total = 0.0
+    for a, d in traffic.distinct.items():
+        if a in streamed and d > l2:
+            tile, programs = streamed[a]
+            wave = (-(-H100_SMS // programs) + 1) * tile  # tiles of the programs in flight, one more started
+            d = d if resident + wave <= l2 else traffic.requested.get(a, 0)
+        total += d if d <= l2 or a in streamed else traffic.requested.get(a, 0)
+    return float(total)
 
 
 def _triton_expansions() -> Dict[object, Callable]:
@@ -100,16 +117,29 @@ def projected_s(kernels) -> float:
                for k in kernels)
 
 
-def _routed_call(peer, inp: LayerInputs) -> Callable:
-    """routedlora's layer as a model runs it: inside one routing block (ids checked at its entry)."""
+@contextlib.contextmanager
+def _routed_call(peer, inp: LayerInputs, counted: Callable):
+    """routedlora's layer as a model runs it: inside one routing block (ids checked at its entry),
+    with the batch's routing metadata, which every routed layer of a model shares, built first.
+    Yields the layer call and the counts of that per-batch build (``counted(fn)`` counts ``fn``)."""
     import routedlora
+    from routedlora.backends import resolve_backend
 
     layer = _module(peer)
-
-    def call(x):
-        with routedlora.routing(layer, inp.task_ids, validate=False):
-            return layer(x)
-    return call
+    with routedlora.routing(layer, inp.task_ids, validate=False) as state:
+        def build():
+            batch = state.rows_for(inp.x.shape[:-1])
+            backend = resolve_backend(layer.config.backend, inp.x.device)
+            algo = backend.plan(inp.x.view(-1, inp.x.shape[-1]), layer.lora_A, layer.lora_B, None, batch.tokens,
+                                layer.config.combine, True)
+            if algo.NEEDS_ROUTE_IDS:
+                batch.tokens.route_ids
+            if algo.NEEDS_GROUPING:
+                algo.grouping(batch.tokens)
+            if layer.config.backend in ("triton", "cuda"):
+                batch.by_task(layer.n_tasks).grouping()
+        per_batch = counted(build)
+        yield layer, per_batch
 
 
 def _module(peer):
@@ -173,7 +203,6 @@ def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
 
 def _count_layer(name: str, inp: LayerInputs, peer, pass_: str, csrc=None) -> dict:
     module = _module(peer)
-    call = _routed_call(peer, inp) if name.startswith("routedlora") else peer
     expand = _triton_expansions() if name in ("routedlora[triton]", "routedlora[cuda]") else None
 
     def count(fn):
@@ -184,6 +213,21 @@ def _count_layer(name: str, inp: LayerInputs, peer, pass_: str, csrc=None) -> di
                 csrc.mode = mode
             fn()
         return mode.counts
+    with contextlib.ExitStack() as stack:
+        per_batch = None
+        if name.startswith("routedlora"):
+            layer, per_batch = stack.enter_context(_routed_call(peer, inp, count))
+            call = layer
+        else:
+            call = peer
+        row = _count_passes(module, call, inp, pass_, count)
+    if per_batch is not None:
+        row["per_batch"] = dict(launches=per_batch.launches, bytes=per_batch.bytes,
+                                kernels=[k.name for k in per_batch.kernels])
+    return row
+
+
+def _count_passes(module, call, inp: LayerInputs, pass_: str, count) -> dict:
     params = [p for p in module.parameters()]
     if pass_ == "fwd":
         module.eval()

@@ -30,6 +30,15 @@ class BatchRows(NamedTuple):
     row_example: Optional[Tensor]
     n_examples: int
     tokens: TokenRows
+    task_rows: Dict[int, TokenRows]  # the rows grouped by task, per task count (see by_task)
+
+    def by_task(self, n_tasks: int) -> TokenRows:
+        """The routing rows as the "tokens" of ``n_tasks`` task rows: their grouping by task is
+        what sums the routing logits' gradients per task (built once per batch, on first use)."""
+        rows = self.task_rows.get(n_tasks)
+        if rows is None:
+            rows = self.task_rows[n_tasks] = TokenRows.of(self.rows_task, n_tasks)
+        return rows
 
 
 def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> Tensor:
@@ -72,12 +81,13 @@ def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1) -> BatchRows
         ids = ids.expand(B)
     if ids.shape == lead[:1] or (not lead and ids.numel() == 1):
         rows_task = ids.reshape(-1)
-        return BatchRows(rows_task, None, rows_task.shape[0], TokenRows.contiguous(rows_task.shape[0], max(S, 1), dev))
+        return BatchRows(rows_task, None, rows_task.shape[0], TokenRows.contiguous(rows_task.shape[0], max(S, 1), dev),
+                         {})
     if ids.shape == lead:
         row_example = torch.arange(B, device=dev)
         if S != 1:
             row_example = row_example.repeat_interleave(S)
-        return BatchRows(ids.reshape(-1), row_example, B, TokenRows.contiguous(N, 1, dev))
+        return BatchRows(ids.reshape(-1), row_example, B, TokenRows.contiguous(N, 1, dev), {})
     raise ValueError(f"task_ids: expected a scalar, shape ({B},) (one per sequence) or {tuple(lead)} (one per "
                      f"token) for input of shape {(*lead, '...')}, got shape {tuple(ids.shape)}")
 

@@ -12,6 +12,7 @@ from .batch import BatchRows, as_task_ids, batch_rows
 from .config import RoutedLoraConfig
 from .ops import routed_lora
 from .ops.routed_lora import compute_dtype
+from .ops.rows import TokenRows
 from .routers import (Routing, cpoly_route, dense_index, gumbel_uniform, hashed_bits, hashed_uniform, poly_weights,
                       topk_route)
 from .validation import check_tensor, values_checkable
@@ -28,7 +29,6 @@ def _recomputing() -> bool:
     return current is not None and current() != -1
 
 
-_DENSE_ROUTERS = ("poly", "softmax", "cpoly")
 _NO_TASKS = ("no task ids: call the model inside `with routedlora.routing(model, task_ids):` "
              "or pass task_ids= to the layer")
 
@@ -188,7 +188,8 @@ class RoutedLoraLinear(nn.Module):
             u = gumbel_uniform((total, heads, skills), device=device)[start:start + B]
         return u if row_example is None else u[row_example]
 
-    def _kernel_route(self, rows_task: Tensor, row_example: Tensor) -> Optional[Routing]:
+    def _kernel_route(self, rows_task: Tensor, row_example: Optional[Tensor],
+                      by_task: Optional[TokenRows] = None) -> Optional[Routing]:
         """Routing in one Triton kernel (backends triton and cuda, routers poly/softmax/topk/mta), else None.
 
         Gumbel noise then comes from a seed (hashed from the layer's seed and batch counter, or
@@ -210,10 +211,10 @@ class RoutedLoraLinear(nn.Module):
             rows = self._noise_rows()
             ex_offset = rows[0] if rows is not None else 0
         kind = "topk" if cfg.router == "mta" else cfg.router
-        if row_example is None:
-            row_example = torch.arange(rows_task.shape[0], device=device)
+        grouping = by_task.grouping() if by_task is not None else None
         idx, w = backend.route(self.router_logits, rows_task, row_example, kind=kind, seed=seed, k=cfg.top_k,
-                               temperature=cfg.temperature, renormalize=cfg.renormalize, ex_offset=ex_offset)
+                               temperature=cfg.temperature, renormalize=cfg.renormalize, ex_offset=ex_offset,
+                               by_task=grouping)
         return Routing(idx, w)
 
     def _noise_rows(self) -> Optional[Tuple[int, int]]:
@@ -248,12 +249,14 @@ class RoutedLoraLinear(nn.Module):
         idx, w = self._route(rows_task, row_example, B)
         return Routing(dense_index(*w.shape, device=w.device) if idx is None else idx, w)
 
-    def _route(self, rows_task: Tensor, row_example: Optional[Tensor], B: int) -> Tuple[Optional[Tensor], Tensor]:
-        """``(idx, w)`` of the rows; ``idx`` is ``None`` for the dense routers (every skill in order)."""
+    def _route(self, rows_task: Tensor, row_example: Optional[Tensor], B: int,
+               by_task: Optional[TokenRows] = None) -> Tuple[Optional[Tensor], Tensor]:
+        """``(idx, w)`` of the rows; ``idx`` is ``None`` for the dense routers in torch (every skill in
+        order), the kernel's own index rows when a kernel routes (the kernels read them anyway)."""
         cfg = self.config
-        routing = self._kernel_route(rows_task, row_example)
+        routing = self._kernel_route(rows_task, row_example, by_task)
         if routing is not None:
-            return (None if cfg.router in _DENSE_ROUTERS else routing.idx), routing.w
+            return tuple(routing)
         _, h, m = self.router_logits.shape
         if cfg.router == "poly":
             noise = self._noise(B, row_example, h, m, rows_task.device)
@@ -322,7 +325,7 @@ class RoutedLoraLinear(nn.Module):
                 bias: Optional[Tensor] = None) -> Tensor:
         """``base + γΔ`` (``x Wᵀ + b + γΔ`` with ``weight``; ``γΔ`` alone without either) for the flattened tokens."""
         # dense routers weight every skill in order: idx=None spares the op a scatter and a gather
-        idx, w = self._route(batch.rows_task, batch.row_example, batch.n_examples)
+        idx, w = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks))
         # ids were checked once per batch and idx/w come from our own router: no per-call checks
         return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, idx, w, batch.tokens,
                            scale=self.scale, combine=self.config.combine, base=base, weight=weight, bias=bias,

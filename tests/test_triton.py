@@ -4,6 +4,7 @@ Tolerances, relative to the largest magnitude of the reference: float32 2e-5 (tf
 disabled), float16 / bfloat16 2e-2 (operands rounded to 16 bits, float32 accumulation).
 bfloat16 runs only on a GPU: the interpreter multiplies bfloat16 dot operands as raw bits.
 """
+import contextlib
 import copy
 import itertools
 
@@ -37,29 +38,57 @@ def route(kind, logits):
     return routers.cpoly_route(logits, n_common=2)
 
 
-def compare(N, d, o, r, h, m, R, combine, kind, dtype, route_ids=None, seed=0, with_base=True):
+BASES = ("tensor", "linear", "linear_nobias", "none")  # base output given; base linear owned by the op; none
+
+
+@contextlib.contextmanager
+def algorithm(name):
+    """Force the backward's way of computing gradients (``None``: the backend's own choice)."""
+    if name is None:
+        yield
+        return
+    prev = triton_backend.backward_algorithm
+    triton_backend.backward_algorithm = lambda *a, **k: name
+    try:
+        yield
+    finally:
+        triton_backend.backward_algorithm = prev
+
+
+def compare(N, d, o, r, h, m, R, combine, kind, dtype, route_ids=None, seed=0, with_base=True, base_kind=None,
+            algo=None, frozen=()):
+    """The triton backend against the torch backend: output and the gradient of every input.
+
+    ``frozen``: leaves that need no gradient (``"x"``, ``"A"``, ``"B"``, ``"logits"``)."""
+    base_kind = base_kind or ("tensor" if with_base else "none")
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(DEVICE, dtype)
     x = mk(N, d)
     A = mk(h, m, d // h, r, sc=d ** -0.5)
     B = mk(h, m, r, o // h, sc=r ** -0.5)
     logits = torch.randn(R, h, m, generator=g).to(DEVICE)
-    base = mk(N, o) if with_base else None
+    base = mk(N, o) if base_kind == "tensor" else None
+    weight = mk(o, d, sc=d ** -0.5) if base_kind.startswith("linear") else None
+    bias = mk(o) if base_kind == "linear" else None
     if route_ids is None:
         route_ids = torch.randint(0, R, (N,), generator=g)
     route_ids = route_ids.to(DEVICE)
     cot = mk(N, o)
+    names = ["x", "A", "B", "logits"]
     results = {}
     for backend in ("torch", "triton"):
-        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, logits)]
+        leaves = [t.clone().requires_grad_(n not in frozen) for n, t in zip(names, (x, A, B, logits))]
         rt = route(kind, leaves[3])
-        y = routed_lora(leaves[0], leaves[1], leaves[2], rt.idx, rt.w, route_ids, scale=0.5, combine=combine,
-                        base=base, backend=backend)
-        grads = torch.autograd.grad((y.float() * cot.float()).sum(), leaves, allow_unused=True)
+        with algorithm(algo):
+            y = routed_lora(leaves[0], leaves[1], leaves[2], rt.idx, rt.w, route_ids, scale=0.5, combine=combine,
+                            base=base, weight=weight, bias=bias, backend=backend)
+            live = [t for t in leaves if t.requires_grad]
+            grads = torch.autograd.grad((y.float() * cot.float()).sum(), live, allow_unused=True) if live else []
+        grads = iter(grads)
+        grads = [next(grads) if t.requires_grad else None for t in leaves]
         grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
         results[backend] = [y] + list(grads)
-    names = ["y", "dx", "dA", "dB", "dlogits"]
-    for name, ref, got in zip(names, results["torch"], results["triton"]):
+    for name, ref, got in zip(["y", "dx", "dA", "dB", "dlogits"], results["torch"], results["triton"]):
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         if ref.numel() == 0:
             continue
@@ -74,9 +103,28 @@ def cases():
         yield h, combine, kind
 
 
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
 @pytest.mark.parametrize("h,combine,kind", list(cases()))
-def test_routers_combines_heads_float32(h, combine, kind):
-    compare(N=37, d=20, o=12, r=3, h=h, m=5, R=4, combine=combine, kind=kind, dtype=torch.float32)
+def test_routers_combines_heads_float32(h, combine, kind, algo):
+    compare(N=37, d=20, o=12, r=3, h=h, m=5, R=4, combine=combine, kind=kind, dtype=torch.float32, algo=algo)
+
+
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
+@pytest.mark.parametrize("base_kind", BASES)
+@pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
+def test_base_output_or_base_linear(base_kind, combine, h, algo):
+    # "linear": the base GEMM runs in the expand's tiles, forward (x Wᵀ + b) and backward (g W)
+    compare(N=29, d=24, o=20, r=3, h=h, m=4, R=3, combine=combine, kind="topk" if h == 1 else "poly",
+            dtype=torch.float32, base_kind=base_kind, algo=algo)
+
+
+@pytest.mark.parametrize("frozen", [("A", "B"), ("A", "B", "logits"), ("x",), ("x", "logits"), ("B",), ("A",)])
+@pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
+def test_only_the_gradients_asked_for(frozen, combine, h):
+    # frozen leaves: their gradients are not computed, the rest still match
+    for algo in ("rows", "tokens"):
+        compare(N=26, d=16, o=12, r=2, h=h, m=3, R=4, combine=combine, kind="poly", dtype=torch.float32,
+                base_kind="linear", algo=algo, frozen=frozen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,35 +134,40 @@ def test_dtypes(dtype, combine, h):
             dtype=dtype)
 
 
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
 @pytest.mark.parametrize("N,d,o,r", [(1, 6, 10, 1), (5, 6, 6, 1), (33, 18, 34, 5), (17, 100, 3, 2)])
 @pytest.mark.parametrize("combine", ["params", "outputs"])
-def test_odd_sizes(N, d, o, r, combine):
+def test_odd_sizes(N, d, o, r, combine, algo):
     # d, o not multiples of any block; r = 1; one token
-    compare(N=N, d=d, o=o, r=r, h=1, m=3, R=3, combine=combine, kind="poly", dtype=torch.float32)
+    compare(N=N, d=d, o=o, r=r, h=1, m=3, R=3, combine=combine, kind="poly", dtype=torch.float32, algo=algo,
+            base_kind="linear" if N % 2 else "tensor")
 
 
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
 @pytest.mark.parametrize("combine", ["params", "outputs"])
-def test_empty_batch(combine):
-    compare(N=0, d=8, o=8, r=2, h=1, m=3, R=2, combine=combine, kind="poly", dtype=torch.float32)
-    compare(N=0, d=8, o=8, r=2, h=1, m=3, R=2, combine=combine, kind="poly", dtype=torch.float32, with_base=False)
+def test_empty_batch(combine, algo):
+    for base_kind in BASES:
+        compare(N=0, d=8, o=8, r=2, h=1, m=3, R=2, combine=combine, kind="poly", dtype=torch.float32,
+                base_kind=base_kind, algo=algo)
 
 
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
 @pytest.mark.parametrize("combine", ["params", "outputs"])
-def test_one_task_every_token_own_row_and_straddling_tiles(combine):
+def test_one_task_every_token_own_row_and_straddling_tiles(combine, algo):
     # one routing row for the whole batch
-    compare(N=40, d=16, o=16, r=2, h=1, m=4, R=1, combine=combine, kind="poly", dtype=torch.float32,
+    compare(N=40, d=16, o=16, r=2, h=1, m=4, R=1, combine=combine, kind="poly", dtype=torch.float32, algo=algo,
             route_ids=torch.zeros(40, dtype=torch.long))
     # every token its own row (token-level MoE-LoRA)
-    compare(N=23, d=16, o=16, r=2, h=1, m=4, R=23, combine=combine, kind="topk", dtype=torch.float32,
+    compare(N=23, d=16, o=16, r=2, h=1, m=4, R=23, combine=combine, kind="topk", dtype=torch.float32, algo=algo,
             route_ids=torch.randperm(23))
     # runs of 7 tokens: every 16-token tile straddles two or three rows; unsorted order too
     runs = torch.arange(6).repeat_interleave(7)
-    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32,
+    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32, algo=algo,
             route_ids=runs)
-    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32,
+    compare(N=42, d=16, o=16, r=2, h=1, m=4, R=6, combine=combine, kind="softmax", dtype=torch.float32, algo=algo,
             route_ids=runs[torch.randperm(42)])
     # rows that appear in no token
-    compare(N=20, d=16, o=16, r=2, h=1, m=4, R=9, combine=combine, kind="poly", dtype=torch.float32,
+    compare(N=20, d=16, o=16, r=2, h=1, m=4, R=9, combine=combine, kind="poly", dtype=torch.float32, algo=algo,
             route_ids=torch.tensor([0, 3, 8] * 6 + [3, 3]))
 
 

@@ -17,7 +17,7 @@ from routedlora.ops import triton_backend as tb
 
 pytestmark = pytest.mark.skipif(not tb.is_available(torch.device("cpu")), reason="needs Triton's interpreter")
 
-TILES = [None, dict(BLOCK_N=32, BLOCK_D=16, BLOCK_O=32, BLOCK_W=16, num_warps=1, num_stages=1)]
+TILES = [None, dict(BLOCK_N=32, BLOCK_D=16, BLOCK_O=32, BLOCK_W=16, BLOCK_K=32, num_warps=1, num_stages=1)]
 SHAPES = [  # N, h, m, dh, oh, r, R, K
     (37, 2, 4, 12, 9, 3, 5, 2), (1, 1, 3, 7, 5, 1, 1, 3), (50, 1, 6, 20, 33, 2, 50, 1), (64, 4, 3, 5, 6, 4, 3, 3)]
 CASES = list(itertools.product(SHAPES, ("random", "sequences", "tokens"), range(len(TILES))))
@@ -83,19 +83,69 @@ def test_shrink(shape, layout, tile, mode):
 
 
 @pytest.mark.parametrize("shape,layout,tile", CASES)
-@pytest.mark.parametrize("mix,with_base", [(True, True), (True, False), (False, True)])
-def test_expand(shape, layout, tile, mix, with_base):
+@pytest.mark.parametrize("mix,base_kind", [(True, "tensor"), (True, None), (False, "tensor"), (True, "linear"),
+                                           (False, "linear_nobias")])
+def test_expand(shape, layout, tile, mix, base_kind):
     N, h, m, dh, oh, r, R, K = shape
     if not mix and h != 1:
         pytest.skip("one slot per rank vector: the outputs combine, one head")
     X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, dtype=torch.float16, seed=N)
     U = torch.randn((N, r) if mix else (N, K, r), generator=g)
     y = torch.empty(N, h * oh, dtype=torch.float16)
-    base = torch.randn(N, h * oh, generator=g).half() if with_base else None
-    launch = counted(tile, lambda: tb._expand(U, B, idx, w, order, srows, K, 0.5, mix, y, base))
+    base = torch.randn(N, h * oh, generator=g).half() if base_kind == "tensor" else None
+    linear = None
+    if base_kind and base_kind.startswith("linear"):  # the base GEMM in the same tiles, W (o, d) read as Wᵀ
+        W = torch.randn(h * oh, h * dh + 3, generator=g).half()
+        bias = torch.randn(h * oh, generator=g).half() if base_kind == "linear" else None
+        linear = (torch.randn(N, h * dh + 3, generator=g).half(), W.t(), bias)
+    launch = counted(tile, lambda: tb._expand(U, B, idx, w, order, srows, K, 0.5, mix, y, base, linear))
     b = blocks(tile, N, oh, r)
-    grid = (tb.triton_cdiv(N, b["BLOCK_N"]), h, tb.triton_cdiv(oh, b["BLOCK_O"]))
-    check(launch, tb.expand_traffic(U, B, idx, w, srows, K, mix, y, base, b, grid))
+    grid = (tb.triton_cdiv(N, b["BLOCK_N"]) * h * tb.triton_cdiv(oh, b["BLOCK_O"]),)
+    check(launch, tb.expand_traffic(U, B, idx, w, srows, K, mix, y, base, linear, b, grid))
+
+
+@pytest.mark.parametrize("shape,layout,tile", CASES)
+@pytest.mark.parametrize("sides", ["both", "x", "grad"])
+@pytest.mark.parametrize("slots", [False, True])
+def test_row_reduce(shape, layout, tile, sides, slots):
+    N, h, m, dh, oh, r, R, K = shape
+    X, A, B, idx, w, rid, order, srows, offs, g = setup(shape, layout, seed=N + 11)
+    rp = K * r if slots else r
+    grad = torch.randn(N, h * oh, generator=g)
+    du, u = torch.randn(N, rp, generator=g), torch.randn(N, rp, generator=g)
+    G = torch.empty(R, h * dh, rp) if sides in ("both", "x") else None
+    Hh = torch.empty(R, h * oh, rp) if sides in ("both", "grad") else None
+    launch = counted(tile, lambda: tb._row_reduce(X, du if G is not None else None, grad,
+                                                  u if Hh is not None else None, order, offs, G, Hh, 0.5))
+    b = blocks(tile, N, max(h * dh, h * oh), rp)
+    grid = (R, (tb.triton_cdiv(h * dh, b["BLOCK_W"]) if G is not None else 0)
+            + (tb.triton_cdiv(h * oh, b["BLOCK_W"]) if Hh is not None else 0))
+    check(launch, tb.row_reduce_traffic(X, du if G is not None else None, grad, u if Hh is not None else None, offs,
+                                        G, Hh, b, grid))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("want", [("A", "B", "w"), ("A", "B"), ("w",), ("B", "w"), ("A",)])
+def test_mix_grads(shape, slots, want):
+    N, h, m, dh, oh, r, R, K = shape
+    if slots and h != 1:
+        pytest.skip("slots: the outputs combine, one head")
+    X, A, B, idx, w, rid, order, srows, offs, g = setup(shape, "random", seed=N + 13)
+    rp = K * r if slots else r
+    need_w = "w" in want
+    G = torch.randn(R, h * dh, rp, generator=g) if "A" in want or (need_w and not slots) else None
+    Hh = torch.randn(R, h * oh, rp, generator=g)
+    dA = torch.empty_like(A) if "A" in want else None
+    dB = torch.empty_like(B) if "B" in want else None
+    with torch.no_grad(), counting() as launches:
+        tb._mix_grads(G, Hh, A, B, idx, w, dA, dB, slots, need_w)
+    t = tb._mix_tiles(r, m, K, True)
+    na = tb.triton_cdiv(dh, t["BLOCK_W"]) if G is not None and (dA is not None or (need_w and not slots)) else 0
+    nb = tb.triton_cdiv(oh, t["BLOCK_W"]) if dB is not None or need_w else 0
+    dwp = torch.empty(R, h, K, (na if need_w and not slots else 0) + (nb if need_w else 0)) if need_w else None
+    assert launches[0].kernel == "_mix_grads_kernel"
+    check(launches[0], tb.mix_grads_traffic(G, Hh, A, B, idx, w, dA, dB, dwp, slots, na, nb, t, (h, na + nb)))
 
 
 @pytest.mark.parametrize("shape,layout,tile", CASES)
@@ -131,12 +181,14 @@ def test_routers(kind, kw, noise, R, h, m, T):
     seed = torch.tensor([123]) if noise else None
     K = kw.get("k", m)
     renorm = kw.get("renormalize", True)
-    with torch.no_grad(), counting() as launches:
-        idx, w = tb._route_op(logits, rows_task, row_example, seed, kind, K, 1.0, renorm, 0)
-    (launch,) = launches
-    check(launch, tb.router_traffic(logits, rows_task, kind, K, noise, renorm, backward=False))
-    dw = torch.randn(R, h, K, generator=g)
-    with torch.no_grad(), counting() as launches:
-        tb._route_backward_op(dw, logits, rows_task, row_example, seed, idx, kind, K, 1.0, renorm, 0)
-    check(launches[0], tb.router_traffic(logits, rows_task, kind, K, noise, renorm, backward=True))
+    order, _, offs = tb._routing_meta(rows_task, T)
+    for ex in (row_example, None):  # None: row r is example r (no table read)
+        with torch.no_grad(), counting() as launches:
+            idx, w = tb._route_op(logits, rows_task, ex, seed, kind, K, 1.0, renorm, 0)
+        (launch,) = launches
+        check(launch, tb.router_traffic(logits, rows_task, kind, K, noise, renorm, False, ex))
+        dw = torch.randn(R, h, K, generator=g)
+        with torch.no_grad(), counting() as launches:
+            tb._route_backward_op(dw, logits, rows_task, ex, seed, idx, order, offs, kind, K, 1.0, renorm, 0)
+        check(launches[0], tb.router_traffic(logits, rows_task, kind, K, noise, renorm, True, ex))
     assert launches[1].kernel == "_segment_sum_kernel"  # logits' gradients summed per task

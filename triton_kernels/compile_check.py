@@ -46,9 +46,13 @@ def signature(kernel: str, dtype: str):
     t = TY[dtype]
     return {
         "_shrink_kernel": (K._shrink_kernel, dict(X=t, M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64",
-                                                  OUT="*fp32", V="*fp32"), ()),
+                                                  OUT="*fp32", V="*fp32"), ("scale",)),
         "_expand_kernel": (K._expand_kernel, dict(U="*fp32", M=t, IDX="*i64", WGT="*fp32", ORDER="*i64",
-                                                  SROWS="*i64", BASE=t, Y=t), ("scale",)),
+                                                  SROWS="*i64", BASE=t, Y=t, X=t, WT=t, BIAS=t), ("scale",)),
+        "_row_reduce_kernel": (K._row_reduce_kernel, dict(X=t, DU="*fp32", GRAD=t, U="*fp32", ORDER="*i64",
+                                                          OFFS="*i64", G="*fp32", HH="*fp32"), ("scale",)),
+        "_mix_grads_kernel": (K._mix_grads_kernel, dict(G="*fp32", HH="*fp32", A=t, B=t, DA=t, DB=t, IDX="*i64",
+                                                        WGT="*fp32", DWP="*fp32"), ()),
         "_weight_grad_kernel": (K._weight_grad_kernel, dict(WIDE=t, VR="*fp32", IDX="*i64", WGT="*fp32",
                                                             RIDS="*i64", OUT=t), ("scale",)),
         "_segment_sum_kernel": (K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), ()),
@@ -103,12 +107,12 @@ def occupancy(registers: int, warps: int, shared_bytes: int) -> dict:
 
 
 def router_variants(RK):
-    for kind, noise, renorm in [(0, False, True), (0, True, True), (1, False, True), (2, False, True),
-                                (2, False, False)]:
+    for kind, noise, renorm, row_is_ex in [(0, False, True, True), (0, True, True, True), (0, True, True, False),
+                                           (1, False, True, True), (2, False, True, True), (2, False, False, True)]:
         for dt in ("bfloat16", "float32"):
-            consts = dict(KIND=kind, NOISE=noise, RENORM=renorm, BLOCK_M=8)
+            consts = dict(KIND=kind, NOISE=noise, RENORM=renorm, BLOCK_M=8, ROW_IS_EXAMPLE=row_is_ex)
             for way in ("forward", "backward"):
-                yield (f"router {way} kind={kind} noise={noise} renorm={renorm} {dt}",
+                yield (f"router {way} kind={kind} noise={noise} renorm={renorm} row_is_example={row_is_ex} {dt}",
                        *signature(f"_router_{way}_kernel", dt), consts, "i32")
     yield ("uniform draws", RK._uniform_kernel, dict(SEED="*i64", OUT="*fp32"), ("eps",), dict(BLOCK_M=8), "i32")
 
@@ -121,9 +125,20 @@ def variants(K):
             continue
         yield (f"shrink mode={mode} h={heads} {dt}", *signature("_shrink_kernel", dt),
                dict(H=heads, MODE=mode, PREC=prec(dt), BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
-    for dt, mix, has_base in itertools.product(TY, [True, False], [True, False]):
-        yield (f"expand mix={mix} base={has_base} {dt}", *signature("_expand_kernel", dt),
-               dict(MIX=mix, HAS_BASE=has_base, PREC=prec(dt), BLOCK_N=64, BLOCK_O=128, BLOCK_R=16), "i32")
+    for dt, mix, (has_base, linear, bias) in itertools.product(TY, [True, False], [(True, False, False),
+                                                                               (False, False, False),
+                                                                               (False, True, True),
+                                                                               (False, True, False)]):
+        yield (f"expand mix={mix} base={has_base} linear={linear} bias={bias} {dt}", *signature("_expand_kernel", dt),
+               dict(MIX=mix, HAS_BASE=has_base, LINEAR=linear, HAS_BIAS=bias, PREC=prec(dt), BLOCK_N=64,
+                    BLOCK_O=128, BLOCK_R=16, BLOCK_K=64), "i32")
+    for dt in TY:
+        yield (f"row_reduce {dt}", *signature("_row_reduce_kernel", dt),
+               dict(PREC=prec(dt), BLOCK_N=64, BLOCK_W=128, BLOCK_R=16), "i32")
+    for dt, slots in itertools.product(TY, [False, True]):
+        yield (f"mix_grads slots={slots} {dt}", *signature("_mix_grads_kernel", dt),
+               dict(SLOTS=slots, DW_A=not slots, DW_B=True, BLOCK_W=64, BLOCK_R=16, BLOCK_M=8, BLOCK_K=8 if not slots
+                    else 2), "i32")
     for dt, shared in itertools.product(TY, [True, False]):
         yield (f"weight_grad shared_v={shared} {dt}", *signature("_weight_grad_kernel", dt),
                dict(SHARED_V=shared, PREC=prec(dt), BLOCK_N=64, BLOCK_W=64, BLOCK_R=32), "i32")

@@ -6,21 +6,32 @@ its row *segments*: for each one it mixes the row's skills in registers (``param
 combine) or applies them one by one (``outputs`` combine), masked to the segment's
 tokens. No tile is padded per group and no adapter is written to device memory.
 
-Five kernels serve forward and backward:
+Seven kernels serve forward and backward:
 
 * ``_shrink_kernel``   x-side products with the skills' ``(dh, r)`` matrices, MODE
                        0: mixed and summed over heads -> ``(N, r)``; 1: one result
                        per slot -> ``(N, K, r)``; 2: per head and slot, dotted with a
-                       per-token rank vector -> ``(N, h, K)`` (routing gradients).
+                       per-token rank vector -> ``(N, h, K)`` (routing gradients);
+                       times ``scale``.
 * ``_expand_kernel``   rank space back to features, ``(N, r) or (N, K, r)`` times
-                       the skills' ``(r, oh)`` matrices, optionally added to a base.
+                       the skills' ``(r, oh)`` matrices, added to a base output or,
+                       ``LINEAR``, to the base linear ``x Wᵀ + b`` computed in the
+                       same tile (the base GEMM with the LoRA as its prologue: the
+                       output is written once, no delta in memory).
+* ``_row_reduce_kernel``  per routing row, ``x_ρᵀ dU_ρ`` and ``γ g_ρᵀ u_ρ`` (float32):
+                       the backward's one pass over ``x`` and one over the gradient
+                       for rows of many tokens.
+* ``_mix_grads_kernel``   those per-row reductions mixed into every skill's gradient
+                       (all skills of a head in one program) and dotted with the
+                       skills for the routing-weight gradients.
 * ``_weight_grad_kernel``  ``Σ_n wide[n]ᵀ ⊗ (coefficient · rank vector)[n]`` per
-                       (head, skill, column block): the skills' gradients, one
-                       program per output block, no atomics (deterministic).
+                       (head, skill, column block): the skills' gradients token by
+                       token, for rows of few tokens.
 * ``_segment_sum_kernel``  per-token routing gradients summed per routing row.
 
 The same shrink/expand kernels run transposed views of the skills in backward
-(``Bᵀ`` to pull gradients into rank space, ``Aᵀ`` to go back to ``x``).
+(``Bᵀ`` to pull gradients into rank space, ``Aᵀ`` to go back to ``x``). Every
+reduction runs in a fixed order inside one program: no atomics, deterministic.
 """
 import triton
 import triton.language as tl
@@ -36,7 +47,7 @@ def _next_row(rows, row):
 
 @triton.jit
 def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
-                   N, DH, RANK, K,
+                   N, DH, RANK, K, scale,
                    sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k,
                    so_n, so_a, so_b, sv_n, sv_r,
                    H: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
@@ -81,25 +92,32 @@ def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
                                     mask=dmask[:, None] & rmask[None, :], other=0.0)
                         z += tl.dot(xt, a, input_precision=PREC)
                     if MODE == 1:
-                        tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b, z,
+                        tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b, z * scale,
                                  mask=seg[:, None] & rmask[None, :])
                     else:
-                        p = tl.sum(z * v, axis=1)
+                        p = tl.sum(z * v, axis=1) * scale
                         tl.store(OUT + tok * so_n + q * so_a + j * so_b, p, mask=seg)
         row = _next_row(rows, row)
     if MODE == 0:
-        tl.store(OUT + tok[:, None] * so_n + rr[None, :] * so_b, acc_u, mask=valid[:, None] & rmask[None, :])
+        tl.store(OUT + tok[:, None] * so_n + rr[None, :] * so_b, acc_u * scale,
+                 mask=valid[:, None] & rmask[None, :])
 
 
 @triton.jit
-def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y,
-                   N, OH, RANK, K, scale,
+def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS,
+                   N, OH, RANK, K, HEADS, DIN, scale,
                    su_n, su_k, su_r, sm_q, sm_s, sm_r, sm_o, si_r, si_q, si_k, sb_n, sb_o, sy_n, sy_o,
-                   MIX: tl.constexpr, HAS_BASE: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid_n = tl.program_id(0)
-    q = tl.program_id(1)
-    pid_o = tl.program_id(2)
+                   sx_n, sx_k, sw_k, sw_o,
+                   MIX: tl.constexpr, HAS_BASE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # one program per (token tile, head, column block), column blocks fastest: the programs that
+    # run side by side share a token tile, so its x rows (LINEAR) are read from HBM once
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(OH, BLOCK_O)
+    pid_n = pid // (HEADS * col_blocks)
+    q = (pid // col_blocks) % HEADS
+    pid_o = pid % col_blocks
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = offs < N
     tok = tl.load(ORDER + offs, mask=valid, other=0)
@@ -132,12 +150,24 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y,
                             mask=seg[:, None] & rmask[None, :], other=0.0)
                 acc += tl.dot((z * wj).to(b.dtype), b, input_precision=PREC)
         row = _next_row(rows, row)
-    out = acc * scale
+    acc = acc * scale
     mask = valid[:, None] & omask[None, :]
     cols = q * OH + oo
+    if LINEAR:
+        # the base linear in the same tile: x Wᵀ accumulated onto the delta (no delta in memory)
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, DIN, BLOCK_K):
+            kmask = (k0 + kk) < DIN
+            xt = tl.load(X + tok[:, None] * sx_n + (k0 + kk)[None, :] * sx_k, mask=valid[:, None] & kmask[None, :],
+                         other=0.0)
+            wt = tl.load(WT + (k0 + kk)[:, None] * sw_k + cols[None, :] * sw_o, mask=kmask[:, None] & omask[None, :],
+                         other=0.0)
+            acc += tl.dot(xt, wt, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=omask, other=0.0).to(tl.float32)[None, :]
     if HAS_BASE:
-        out += tl.load(BASE + tok[:, None] * sb_n + cols[None, :] * sb_o, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + tok[:, None] * sy_n + cols[None, :] * sy_o, out.to(Y.dtype.element_ty), mask=mask)
+        acc += tl.load(BASE + tok[:, None] * sb_n + cols[None, :] * sb_o, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + tok[:, None] * sy_n + cols[None, :] * sy_o, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -198,3 +228,113 @@ def _segment_sum_kernel(P, ORDER, OFFS, OUT, COLS, sp_n, so_r,
         p = tl.load(P + tok[:, None] * sp_n + cc[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
         acc += tl.sum(p, axis=0)
     tl.store(OUT + row * so_r + cc, acc, mask=cmask)
+
+
+@triton.jit
+def _row_block(WIDE, RANK, OUT, ORDER, start, end, col0, WIDTH, RANKS, scale, sw_n, sw_w, sr_n, sr_r, so_w, so_r,
+               PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    # OUT[w, k] = scale * Σ_{t in the row} WIDE[t, col0 + w] * RANK[t, k], in token order (deterministic)
+    ww = col0 + tl.arange(0, BLOCK_W)
+    wmask = ww < WIDTH
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < RANKS
+    acc = tl.zeros((BLOCK_W, BLOCK_R), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        tt = t0 + tl.arange(0, BLOCK_N)
+        tmask = tt < end
+        tok = tl.load(ORDER + tt, mask=tmask, other=0)
+        wide = tl.load(WIDE + tok[:, None] * sw_n + ww[None, :] * sw_w, mask=tmask[:, None] & wmask[None, :],
+                       other=0.0)
+        rank = tl.load(RANK + tok[:, None] * sr_n + rr[None, :] * sr_r, mask=tmask[:, None] & rmask[None, :],
+                       other=0.0)
+        acc += tl.dot(tl.trans(wide), rank.to(wide.dtype), input_precision=PREC)
+    tl.store(OUT + ww[:, None] * so_w + rr[None, :] * so_r, acc * scale, mask=wmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _row_reduce_kernel(X, DU, GRAD, U, ORDER, OFFS, G, HH, D, O, RANKS, XBLOCKS, scale,
+                       sx_n, sx_d, sdu_n, sdu_r, sg_n, sg_o, su_n, su_r, sG_r, sG_w, sG_k, sH_r, sH_w, sH_k,
+                       PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    # per routing row, one pass over its tokens: G_ρ = x_ρᵀ dU_ρ (column blocks c < XBLOCKS) or
+    # H_ρ = scale · g_ρᵀ u_ρ (the rest); x and the gradient are each read once in all
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    start = tl.load(OFFS + row)
+    end = tl.load(OFFS + row + 1)
+    if c < XBLOCKS:
+        _row_block(X, DU, G + row.to(tl.int64) * sG_r, ORDER, start, end, c * BLOCK_W, D, RANKS, 1.0,
+                   sx_n, sx_d, sdu_n, sdu_r, sG_w, sG_k, PREC, BLOCK_N, BLOCK_W, BLOCK_R)
+    else:
+        _row_block(GRAD, U, HH + row.to(tl.int64) * sH_r, ORDER, start, end, (c - XBLOCKS) * BLOCK_W, O, RANKS,
+                   scale, sg_n, sg_o, su_n, su_r, sH_w, sH_k, PREC, BLOCK_N, BLOCK_W, BLOCK_R)
+
+
+@triton.jit
+def _mix_block(P, M, DM, IDX, WGT, DWP, q, col0, R, WIDTH, RANK, K, SKILLS, store_dm, dwp_col, NB,
+               sp_r, sp_w, sp_k, sm_q, sm_s, sm_w, sm_r, sd_q, sd_s, sd_w, sd_r, si_r, si_q, si_k, H,
+               SLOTS: tl.constexpr, DW: tl.constexpr,
+               BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one (BLOCK_W columns x rank) tile of head q's per-row reductions P, for every row:
+    # DM[q, s] = Σ_ρ coef_ρs P_ρ (all skills at once), and ⟨M_qs, P_ρ⟩ per (row, slot) into DWP
+    ff = tl.arange(0, BLOCK_W * BLOCK_R)
+    col = col0 + ff // BLOCK_R
+    rk = ff % BLOCK_R
+    fmask = (col < WIDTH) & (rk < RANK)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < SKILLS
+    kk = tl.arange(0, BLOCK_K)
+    kmask = kk < K
+    m_off = q * sm_q + col * sm_w + rk * sm_r
+    if DW and not SLOTS:  # every skill's tile, kept for all rows
+        m_all = tl.load(M + ms[:, None] * sm_s + m_off[None, :], mask=mmask[:, None] & fmask[None, :],
+                        other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_W * BLOCK_R), dtype=tl.float32)
+    for row in range(0, R):
+        ri = row * si_r + q * si_q
+        p_off = row * sp_r + (q * WIDTH + col) * sp_w
+        dwp = DWP + ((row * H + q) * K) * NB + dwp_col
+        if SLOTS:  # outputs combine: slot j's own rank columns
+            for j in range(K):
+                s = tl.load(IDX + ri + j * si_k)
+                wj = tl.load(WGT + ri + j * si_k).to(tl.float32)
+                tile = tl.load(P + p_off + (j * RANK + rk) * sp_k, mask=fmask, other=0.0)
+                acc += tl.where(ms == s, wj, 0.0)[:, None] * tile[None, :]
+                if DW:
+                    mj = tl.load(M + s * sm_s + m_off, mask=fmask, other=0.0).to(tl.float32)
+                    tl.store(dwp + j * NB, tl.sum(mj * tile, axis=0))
+        else:  # params combine: one reduction per row and head, mixed with the row's dense weights
+            sel = tl.load(IDX + ri + kk * si_k, mask=kmask, other=-1)
+            wv = tl.load(WGT + ri + kk * si_k, mask=kmask, other=0.0).to(tl.float32)
+            tile = tl.load(P + p_off + rk * sp_k, mask=fmask, other=0.0)
+            wd = tl.sum(tl.where(ms[:, None] == sel[None, :], wv[None, :], 0.0), axis=1)
+            acc += wd[:, None] * tile[None, :]
+            if DW:
+                dots = tl.sum(m_all * tile[None, :], axis=1)
+                per_slot = tl.sum(tl.where(sel[:, None] == ms[None, :], dots[None, :], 0.0), axis=1)
+                tl.store(dwp + kk * NB, per_slot, mask=kmask)
+    if store_dm != 0:
+        tl.store(DM + q * sd_q + ms[:, None] * sd_s + (col * sd_w + rk * sd_r)[None, :],
+                 acc.to(DM.dtype.element_ty), mask=mmask[:, None] & fmask[None, :])
+
+
+@triton.jit
+def _mix_grads_kernel(G, HH, A, B, DA, DB, IDX, WGT, DWP, R, DH, OH, RANK, K, SKILLS, HEADS, ABLOCKS,
+                      store_da, store_db, NB,
+                      sG_r, sG_w, sG_k, sH_r, sH_w, sH_k, sa_q, sa_s, sa_d, sa_r, sb_q, sb_s, sb_r, sb_o,
+                      sda_q, sda_s, sda_d, sda_r, sdb_q, sdb_s, sdb_r, sdb_o, si_r, si_q, si_k,
+                      SLOTS: tl.constexpr, DW_A: tl.constexpr, DW_B: tl.constexpr,
+                      BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the skills' gradients and the routing-weight partials from the per-row reductions: program
+    # (head, column block); blocks c < ABLOCKS read G against A, the rest H against B
+    q = tl.program_id(0)
+    c = tl.program_id(1)
+    if c < ABLOCKS:
+        _mix_block(G, A, DA, IDX, WGT, DWP, q, c * BLOCK_W, R, DH, RANK, K, SKILLS, store_da, c, NB,
+                   sG_r, sG_w, sG_k, sa_q, sa_s, sa_d, sa_r, sda_q, sda_s, sda_d, sda_r, si_r, si_q, si_k, HEADS,
+                   SLOTS, DW_A, BLOCK_W, BLOCK_R, BLOCK_M, BLOCK_K)
+    else:
+        # dw partial column: after A's blocks when A contributes, else from 0
+        col_b = c if DW_A else c - ABLOCKS
+        _mix_block(HH, B, DB, IDX, WGT, DWP, q, (c - ABLOCKS) * BLOCK_W, R, OH, RANK, K, SKILLS, store_db, col_b,
+                   NB, sH_r, sH_w, sH_k, sb_q, sb_s, sb_o, sb_r, sdb_q, sdb_s, sdb_o, sdb_r, si_r, si_q, si_k, HEADS,
+                   SLOTS, DW_B, BLOCK_W, BLOCK_R, BLOCK_M, BLOCK_K)

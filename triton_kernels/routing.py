@@ -43,15 +43,20 @@ def _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s):
 
 
 @triton.jit
-def _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE: tl.constexpr):
-    ex = tl.load(ROW_EX + r) + ex_offset
+def _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE: tl.constexpr,
+                    ROW_IS_EXAMPLE: tl.constexpr):
+    if ROW_IS_EXAMPLE:  # one row per example: no table to read
+        ex = r + ex_offset
+    else:
+        ex = tl.load(ROW_EX + r) + ex_offset
     return tl.where(smask, _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE), 0.0)
 
 
 @triton.jit
 def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_offset, inv_tau, eps, tiny,
                            sl_t, sl_q, sl_s, so_r, so_q, so_k,
-                           KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr):
+                           KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           ROW_IS_EXAMPLE: tl.constexpr):
     r = tl.program_id(0)
     q = tl.program_id(1)
     ss = tl.arange(0, BLOCK_M)
@@ -59,7 +64,8 @@ def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_
     z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
-        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE)
+        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE,
+                            ROW_IS_EXAMPLE)
         w = p / (tl.sum(p, axis=0) + 1e-12)
         tl.store(W + out + ss * so_k, w, mask=smask)
         tl.store(IDX + out + ss * so_k, ss.to(tl.int64), mask=smask)
@@ -91,7 +97,8 @@ def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_
 @triton.jit
 def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, H, M, K, ex_offset, inv_tau, eps, tiny,
                             sl_t, sl_q, sl_s, so_r, so_q, so_k, sd_r, sd_q,
-                            KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr):
+                            KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           ROW_IS_EXAMPLE: tl.constexpr):
     r = tl.program_id(0)
     q = tl.program_id(1)
     ss = tl.arange(0, BLOCK_M)
@@ -99,7 +106,8 @@ def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, H, 
     z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
-        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE)
+        p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE,
+                            ROW_IS_EXAMPLE)
         S = tl.sum(p, axis=0) + 1e-12
         dw = tl.load(DW + out + ss * so_k, mask=smask, other=0.0).to(tl.float32)
         dp = dw / S - tl.sum(dw * p, axis=0) / (S * S)

@@ -104,9 +104,11 @@ def decode_eligible(N: int, A: Tensor, B: Tensor, idx: Tensor, dtype, combine: s
             and K * r <= MAX_COEF and B.shape[3] >= 1 and (combine == "params" or h == 1))
 
 
-# what RoutedLoraFunction hands the kernels: every token's row and the tokens grouped by row
+# what RoutedLoraFunction hands the kernels: every token's row and the tokens grouped by row;
+# and the base linear's weight, computed in the kernels' tiles beyond decode size
 NEEDS_ROUTE_IDS = True
 NEEDS_GROUPING = True
+FUSES_LINEAR = True
 _this_module = sys.modules[__name__]
 
 
@@ -120,19 +122,21 @@ def grouping(rows):
     return rows.grouping(sorter)
 
 
-def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False):
+def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False, linear=None):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: backend='cuda' takes float16, bfloat16 or float32, got {x.dtype}")
     x = x.contiguous()
     idx = sparse_index(idx, w)
     if decode_eligible(x.shape[0], A, B, idx, x.dtype, combine):
+        if linear is not None:
+            base = torch.nn.functional.linear(x, *linear)
         y, saved = _kernels.decode_forward(x, A, B, idx, w, rows.route_ids, base, float(scale), combine == "params")
         return y, (saved,)
-    return triton_backend.forward(x, A, B, idx, w, rows, scale, combine, base)
+    return triton_backend.forward(x, A, B, idx, w, rows, scale, combine, base, linear=linear)
 
 
-def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None):
-    return triton_backend.backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx)
+def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None, weight=None):
+    return triton_backend.backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx, weight)
 
 
 route = triton_backend.route

@@ -49,19 +49,28 @@ class RoutedLoraFunction(torch.autograd.Function):
         needs = (nig[0], nig[1], nig[2], nig[4])
         grad = grad.contiguous()
         dx = dA = dB = dw = None
-        if weight is not None and nig[0]:
+        fused = weight is not None and _fuses_linear(ctx.impl)
+        if weight is not None and nig[0] and not fused:
             dx = grad.mm(weight.to(grad.dtype))  # the base's; the adapter's is accumulated into it
         if any(needs):
             rows = _rows(x, w.shape[0], ctx.seq_len, route_ids, order, srows, offs)
+            base_dx = dict(weight=weight) if fused else dict(dx=dx)  # fused: the kernel computes g W too
             dx, dA, dB, dw = ctx.impl.backward(grad, x, A, B, idx, w, rows, ctx.scale, ctx.combine, saved, needs,
-                                               dx=dx)
+                                               **base_dx)
         dweight = grad.t().mm(x).to(weight.dtype) if nig[6] else None
         dbias = grad.sum(0) if nig[7] else None
         return (dx, dA, dB, None, dw, grad if nig[5] else None, dweight, dbias) + (None,) * 8
 
 
+def _fuses_linear(impl) -> bool:
+    """Whether the algorithm computes the base linear in its own kernels (``linear=``/``weight=``)."""
+    return getattr(impl, "FUSES_LINEAR", False)
+
+
 def _forward(impl, x, A, B, idx, w, rows, base, weight, bias, scale, combine):
     own_base = weight is not None
+    if own_base and _fuses_linear(impl):
+        return impl.forward(x, A, B, idx, w, rows, scale, combine, linear=(weight, bias))
     if own_base:
         base = torch.nn.functional.linear(x, weight, bias)
     return impl.forward(x, A, B, idx, w, rows, scale, combine, base, inplace=own_base)

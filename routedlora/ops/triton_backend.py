@@ -61,7 +61,8 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
-_INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, num_warps=1, num_stages=1)
+_INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, BLOCK_K=16, num_warps=1, num_stages=1)
+_DEFAULT_BLOCK_K = 64  # the base GEMM's step along its inner dimension, where a table does not give one
 _tile_tables: dict = {}
 _override: Optional[dict] = None
 
@@ -126,6 +127,7 @@ def _blocks(N: int, width: int, r: int, interpret: bool, device=None) -> dict:
         table = tile_table(device)
         cfg = dict(table["classes"][shape_class(N, table)])
     cfg["BLOCK_R"] = _pow2(r)
+    cfg.setdefault("BLOCK_K", _DEFAULT_BLOCK_K)
     return cfg
 
 
@@ -166,6 +168,10 @@ class Traffic:
     distinct: Dict[str, int]  # bytes per kernel argument, each address once
     flops: int
     variant: dict = field(default_factory=dict)  # the constexprs and dtypes the launch compiles with
+    # arguments the program order streams: each tile of them (``bytes``) is read by ``programs``
+    # programs that are consecutive in the grid, so it is re-read from L2 while they run, not from
+    # HBM, as long as one wave's tiles and the re-read arguments fit in L2 (benchmarks/cost.py)
+    streamed: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (tile bytes, programs)
 
 
 _recorder: Optional[List[Traffic]] = None
@@ -222,8 +228,9 @@ def _blocks_of(width: int, block: int) -> List[int]:
     return [min(block, width - w0) for w0 in range(0, width, block)]
 
 
-def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
-    """MODE 0 -> out (N, r); 1 -> out (N, K, r); 2 -> out (N, h, K). ``M`` viewed as (h, m, dh, r)."""
+def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None, scale=1.0):
+    """MODE 0 -> out (N, r); 1 -> out (N, K, r); 2 -> out (N, h, K). ``M`` viewed as (h, m, dh, r).
+    Modes 0 and 1 store ``scale`` times the product."""
     N = X.shape[0]
     h, m, dh, r = M.shape
     if N == 0:
@@ -239,7 +246,7 @@ def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None):
         _record(shrink_traffic, X, M, idx, w, srows, mode, K, out, v, b, grid)
         return out
     _k()._shrink_kernel[grid](
-        X, M, idx, w, order, srows, out, v_, N, dh, r, K,
+        X, M, idx, w, order, srows, out, v_, N, dh, r, K, float(scale),
         X.stride(0), X.stride(1), *M.stride(), *idx.stride(), *so, *sv,
         H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"],
         num_warps=b["num_warps"], num_stages=b["num_stages"])
@@ -283,8 +290,12 @@ def shrink_traffic(X, M, idx, w, srows, mode, K, out, v, b, grid) -> Traffic:
     return Traffic("_shrink_kernel", grid, req, dist, flops, variant)
 
 
-def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
-    """``y = base + scale * expand(U)``; ``M`` viewed as (h, m, r, oh)."""
+def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None):
+    """``y = base + scale * expand(U)``; ``M`` viewed as (h, m, r, oh).
+
+    ``linear = (X, WT, bias)``: instead of a base tensor, the base linear computed in the same
+    tiles, ``y = X WT + bias + scale * expand(U)`` with ``WT[k, col]`` (any strides): the delta
+    never goes to memory and the output is written once."""
     N = U.shape[0]
     h, m, r, oh = M.shape
     if N == 0:
@@ -292,26 +303,31 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None):
     b = _blocks(N, oh, r, _tiles(N, _interpret()), U.device)
     su = (U.stride(0), 0, U.stride(1)) if mix else U.stride()
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
-    grid = (triton_cdiv(N, b["BLOCK_N"]), h, triton_cdiv(oh, b["BLOCK_O"]))
+    grid = (triton_cdiv(N, b["BLOCK_N"]) * h * triton_cdiv(oh, b["BLOCK_O"]),)
     if _recorder is not None:
-        _record(expand_traffic, U, M, idx, w, srows, K, mix, y, base, b, grid)
+        _record(expand_traffic, U, M, idx, w, srows, K, mix, y, base, linear, b, grid)
         return y
+    X, WT, bias = linear if linear is not None else (y, y, None)
     _k()._expand_kernel[grid](
-        U, M, idx, w, order, srows, base if base is not None else y, y, N, oh, r, K, float(scale),
+        U, M, idx, w, order, srows, base if base is not None else y, y, X, WT, bias if bias is not None else y,
+        N, oh, r, K, h, X.shape[1] if linear is not None else 0, float(scale),
         *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
-        MIX=mix, HAS_BASE=base is not None, PREC=_prec(M.dtype),
-        BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"], num_warps=b["num_warps"],
-        num_stages=b["num_stages"])
+        *((X.stride(0), X.stride(1), WT.stride(0), WT.stride(1)) if linear is not None else (0, 0, 0, 0)),
+        MIX=mix, HAS_BASE=base is not None, LINEAR=linear is not None, HAS_BIAS=bias is not None,
+        PREC=_prec(M.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"],
+        BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"], num_stages=b["num_stages"])
     return y
 
 
-def expand_traffic(U, M, idx, w, srows, K, mix, y, base, b, grid) -> Traffic:
+def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid) -> Traffic:
     N = U.shape[0]
     h, m, r, oh = M.shape
-    BN, BO, BR = b["BLOCK_N"], b["BLOCK_O"], b["BLOCK_R"]
+    BN, BO, BR, BK = b["BLOCK_N"], b["BLOCK_O"], b["BLOCK_R"], b["BLOCK_K"]
     eu, em, ew, ey = U.element_size(), M.element_size(), w.element_size(), y.element_size()
-    req = dict.fromkeys(("U", "M", "IDX", "WGT", "ORDER", "SROWS", "BASE", "Y"), 0)
+    req = dict.fromkeys(("U", "M", "IDX", "WGT", "ORDER", "SROWS", "BASE", "Y", "X", "WT", "BIAS"), 0)
     flops, oblocks = 0, _blocks_of(oh, BO)
+    X, WT, bias = linear if linear is not None else (None, None, None)
+    din = X.shape[1] if X is not None else 0
     for segs in _tile_runs(srows, N, BN):
         nv = sum(segs)
         for wo in oblocks:  # programs (tile, q, o-block), all h of them
@@ -325,14 +341,170 @@ def expand_traffic(U, M, idx, w, srows, K, mix, y, base, b, grid) -> Traffic:
                 flops += 2 * BN * BR * BO * h * (1 if mix else K)
             if base is not None:
                 req["BASE"] += h * nv * wo * base.element_size()
+            if X is not None:
+                req["X"] += h * nv * din * X.element_size()
+                req["WT"] += h * din * wo * WT.element_size()
+                flops += 2 * BN * BK * BO * h * triton_cdiv(din, BK)
+                if bias is not None:
+                    req["BIAS"] += h * wo * bias.element_size()
             req["Y"] += h * nv * wo * ey
     present = torch.unique(srows[:N])
     dist = {"U": N * r * eu * (1 if mix else K), "M": _skills_used(idx, present) * r * oh * em,
             "IDX": 8 * present.numel() * h * K, "WGT": ew * present.numel() * h * K, "ORDER": 8 * N,
-            "SROWS": 8 * N, "BASE": N * h * oh * base.element_size() if base is not None else 0, "Y": N * h * oh * ey}
-    variant = dict(MIX=mix, HAS_BASE=base is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR,
-                   dtype=str(M.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
-    return Traffic("_expand_kernel", grid, req, dist, flops, variant)
+            "SROWS": 8 * N, "BASE": N * h * oh * base.element_size() if base is not None else 0, "Y": N * h * oh * ey,
+            "X": N * din * X.element_size() if X is not None else 0,
+            "WT": din * h * oh * WT.element_size() if X is not None else 0,
+            "BIAS": h * oh * bias.element_size() if bias is not None else 0}
+    variant = dict(MIX=mix, HAS_BASE=base is not None, LINEAR=X is not None, HAS_BIAS=bias is not None,
+                   PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK, dtype=str(M.dtype),
+                   num_warps=b["num_warps"], num_stages=b["num_stages"])
+    # a token tile's x rows are read by its h * o-blocks programs, consecutive in the grid
+    # (column blocks fastest)
+    streamed = {"X": (BN * din * X.element_size(), h * len(oblocks))} if X is not None else {}
+    return Traffic("_expand_kernel", grid, req, dist, flops, variant, streamed=streamed)
+
+
+def _row_reduce(x, du, grad, u, order, offs, G, Hh, scale):
+    """Per routing row: ``G[ρ] = x_ρᵀ du_ρ`` (``(R, d, r')``) and ``Hh[ρ] = scale · grad_ρᵀ u_ρ``
+    (``(R, o, r')``), float32, each a fixed-order sum over the row's tokens. ``G`` or ``Hh`` may be
+    None (not wanted): that side is not launched."""
+    N, d = x.shape
+    o = grad.shape[1]
+    R = offs.shape[0] - 1
+    rp = (du if du is not None else u).shape[1]
+    b = _blocks(N, max(d, o), rp, _tiles(N, _interpret()), x.device)
+    nx = triton_cdiv(d, b["BLOCK_W"]) if G is not None else 0
+    ng = triton_cdiv(o, b["BLOCK_W"]) if Hh is not None else 0
+    grid = (R, nx + ng)
+    if R == 0 or nx + ng == 0:
+        return
+    if _recorder is not None:
+        _record(row_reduce_traffic, x, du, grad, u, offs, G, Hh, b, grid)
+        return
+    Gp, Hp = (G if G is not None else Hh), (Hh if Hh is not None else G)
+    dup, up = (du if du is not None else u), (u if u is not None else du)
+    _k()._row_reduce_kernel[grid](
+        x, dup, grad, up, order, offs, Gp, Hp, d, o, rp, nx, float(scale), x.stride(0), x.stride(1), *dup.stride(),
+        grad.stride(0), grad.stride(1), *up.stride(), *Gp.stride(), *Hp.stride(),
+        PREC=_prec(x.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"], BLOCK_R=b["BLOCK_R"],
+        num_warps=b["num_warps"], num_stages=b["num_stages"])
+
+
+def row_reduce_traffic(x, du, grad, u, offs, G, Hh, b, grid) -> Traffic:
+    N, d = x.shape
+    o = grad.shape[1]
+    R = offs.shape[0] - 1
+    rp = (du if du is not None else u).shape[1]
+    BN, BW, BR = b["BLOCK_N"], b["BLOCK_W"], b["BLOCK_R"]
+    counts = (offs[1:] - offs[:-1]).tolist()
+    req = dict.fromkeys(("X", "DU", "GRAD", "U", "ORDER", "OFFS", "G", "HH"), 0)
+    dist = dict.fromkeys(req, 0)
+    flops = 0
+    sides = []
+    if G is not None:
+        sides.append(("X", x, "DU", "G", d))
+    if Hh is not None:
+        sides.append(("GRAD", grad, "U", "HH", o))
+    for wide_name, wide, rank_name, out_name, width in sides:
+        for wc in _blocks_of(width, BW):
+            for n in counts:
+                req["ORDER"] += 8 * n
+                req["OFFS"] += 16
+                req[wide_name] += n * wc * wide.element_size()
+                req[rank_name] += n * rp * 4
+                req[out_name] += wc * rp * 4
+                flops += 2 * BW * BN * BR * triton_cdiv(n, BN)
+        dist[wide_name] = N * width * wide.element_size()
+        dist[rank_name] = N * rp * 4
+        dist[out_name] = R * width * rp * 4
+    dist["ORDER"], dist["OFFS"] = 8 * N, 8 * (R + 1)
+    variant = dict(PREC=_prec(x.dtype), BLOCK_N=BN, BLOCK_W=BW, BLOCK_R=BR, dtype=str(x.dtype),
+                   num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return Traffic("_row_reduce_kernel", grid, req, dist, flops, variant)
+
+
+def _mix_tiles(r: int, m: int, K: int, interpret: bool) -> dict:
+    BR = _pow2(r, 1)
+    BF = 256 if interpret else 1024  # (column, rank) numbers per program step
+    return dict(BLOCK_W=max(1, BF // BR), BLOCK_R=BR, BLOCK_M=_pow2(m, 1), BLOCK_K=_pow2(K, 1), num_warps=4,
+                num_stages=1)
+
+
+def _mix_grads(G, Hh, A, B, idx, w, dA, dB, slots, need_w):
+    """From the per-row reductions: ``dA`` (from ``G``), ``dB`` (from ``Hh``) for every skill and,
+    with ``need_w``, the routing-weight gradient ``(R, h, K)`` float32 (else None).
+
+    ``params`` (``slots=False``): ``dA_qs = Σ_ρ W_ρqs G_ρq``, ``dB_qs = Σ_ρ W_ρqs H_ρqᵀ`` with
+    ``W`` the dense row weights, and ``∂w_ρqj = ⟨A_q,idx, G_ρq⟩ + ⟨B_q,idx, H_ρqᵀ⟩``. ``outputs``
+    (``slots=True``, one head, ``r' = K·r``): slot j's columns of ``G``/``Hh`` weighted by
+    ``w_ρj`` into skill ``idx_ρj``, and ``∂w_ρj = ⟨B_idx, H_ρjᵀ⟩``. ``dA`` / ``dB`` None: not
+    stored (``G`` / ``Hh`` are still read when ``need_w`` wants that side)."""
+    h, m, dh, r = A.shape
+    oh = B.shape[-1]
+    R, _, K = idx.shape
+    t = _mix_tiles(r, m, K, _tiles(R, _interpret()))
+    BW = t["BLOCK_W"]
+    dw_a = need_w and not slots
+    run_a = G is not None and (dA is not None or dw_a)
+    run_b = Hh is not None and (dB is not None or need_w)
+    na = triton_cdiv(dh, BW) if run_a else 0
+    nb = triton_cdiv(oh, BW) if run_b else 0
+    NB = (na if dw_a else 0) + (nb if need_w else 0)
+    dwp = torch.empty(R, h, K, NB, dtype=torch.float32, device=A.device) if need_w else None
+    grid = (h, na + nb)
+    if na + nb and R:
+        if _recorder is not None:
+            _record(mix_grads_traffic, G, Hh, A, B, idx, w, dA, dB, dwp, slots, na, nb, t, grid)
+        else:
+            Gp, Hp = (G if G is not None else Hh), (Hh if Hh is not None else G)
+            dAp, dBp = (dA if dA is not None else A), (dB if dB is not None else B)
+            _k()._mix_grads_kernel[grid](
+                Gp, Hp, A, B, dAp, dBp, idx, w, dwp if dwp is not None else w, R, dh, oh, r, K, m, h, na,
+                int(dA is not None), int(dB is not None), NB, *Gp.stride(), *Hp.stride(), *A.stride(), *B.stride(),
+                *dAp.stride(), *dBp.stride(), *idx.stride(), SLOTS=slots, DW_A=dw_a, DW_B=need_w, **t)
+    if R == 0:
+        for grad in (dA, dB):
+            if grad is not None:
+                grad.zero_()
+    return dwp.sum(-1) if need_w else None
+
+
+def mix_grads_traffic(G, Hh, A, B, idx, w, dA, dB, dwp, slots, na, nb, t, grid) -> Traffic:
+    h, m, dh, r = A.shape
+    oh = B.shape[-1]
+    R, _, K = idx.shape
+    BW = t["BLOCK_W"]
+    need_w = dwp is not None
+    req = dict.fromkeys(("G", "HH", "A", "B", "DA", "DB", "IDX", "WGT", "DWP"), 0)
+    dist = dict.fromkeys(req, 0)
+    sides = []
+    if na:
+        sides.append(("G", "A", "DA", A, dA, dh, _blocks_of(dh, BW), need_w and not slots))
+    if nb:
+        sides.append(("HH", "B", "DB", B, dB, oh, _blocks_of(oh, BW), need_w))
+    for p_name, m_name, d_name, M, DM, width, wblocks, dw in sides:
+        em = M.element_size()
+        for wc in wblocks:
+            f = wc * r  # the tile's (column, rank) numbers
+            per_row_idx, per_row_w = 8 * K, w.element_size() * K
+            req["IDX"] += h * R * per_row_idx
+            req["WGT"] += h * R * per_row_w
+            req[p_name] += h * R * f * 4 * (K if slots else 1)
+            if dw:
+                req[m_name] += h * (R * K * f * em if slots else m * f * em)
+                req["DWP"] += h * R * K * 4
+            if DM is not None:
+                req[d_name] += h * m * f * DM.element_size()
+        dist[p_name] = R * h * width * r * (K if slots else 1) * 4
+        if dw:
+            dist[m_name] = (_skills_used(idx, torch.arange(R)) if slots else h * m) * width * r * em
+        if DM is not None:
+            dist[d_name] = h * m * width * r * DM.element_size()
+        dist["IDX"], dist["WGT"] = 8 * R * h * K, w.element_size() * R * h * K
+    if need_w:
+        dist["DWP"] = dwp.numel() * 4
+    variant = dict(SLOTS=slots, DW_A=need_w and not slots, DW_B=need_w, dtype=str(A.dtype), **t)
+    return Traffic("_mix_grads_kernel", grid, req, dist, 0, variant)
 
 
 def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transposed):
@@ -385,9 +557,9 @@ def weight_grad_traffic(wide, V, idx, w, route_ids, out, width, shared_v, b, gri
 def _segment_sum(P, order, offs, R):
     """Per-row sums of per-token rows of ``P (N, C)`` -> ``(R, C)`` float32, deterministic."""
     C = P.shape[1]
-    out = torch.zeros(R, C, dtype=torch.float32, device=P.device)
     if R == 0 or P.shape[0] == 0:
-        return out
+        return torch.zeros(R, C, dtype=torch.float32, device=P.device)
+    out = torch.empty(R, C, dtype=torch.float32, device=P.device)  # every row's program writes it
     BT = 16 if _tiles(P.shape[0], _interpret()) else 64
     if _recorder is not None:
         _record(segment_sum_traffic, P, offs, R, BT)
@@ -414,36 +586,33 @@ def triton_cdiv(a: int, b: int) -> int:
 # --- the two ops ------------------------------------------------------------------
 
 
-def forward_impl(x, A, B, idx, w, route_ids, base, scale: float, combine: str, meta) -> Tuple[Tensor, Tensor]:
-    """The forward op's body; ``meta`` is ``(order, srows, offs)`` as :func:`_routing_meta` gives."""
+def forward_impl(x, A, B, idx, w, route_ids, base, weight, bias, scale: float, combine: str,
+                 meta) -> Tuple[Tensor, Tensor]:
+    """The forward op's body; ``meta`` is ``(order, srows, offs)`` as :func:`_routing_meta` gives.
+    With ``weight`` the base linear ``x Wᵀ + bias`` is computed in the expand's tiles."""
     N = x.shape[0]
     h, m, dh, r = A.shape
-    o = h * B.shape[-1]
-    R, _, K = idx.shape
+    K = idx.shape[2]
     order, srows, _ = meta
+    params = combine == "params"
     idx_c, w_c = idx.contiguous(), w.contiguous()
-    y = torch.empty(N, o, dtype=x.dtype, device=x.device)
-    if combine == "params":
-        saved = _shrink(x, A, idx_c, w_c, order, srows, 0, K, torch.empty(N, r, dtype=torch.float32, device=x.device))
-        _expand(saved, B, idx_c, w_c, order, srows, K, scale, True, y, base)
-    else:
-        saved = _shrink(x, A, idx_c, w_c, order, srows, 1, K,
-                        torch.empty(N, K, r, dtype=torch.float32, device=x.device))
-        _expand(saved, B, idx_c, w_c, order, srows, K, scale, False, y, base)
-    if N == 0 and base is not None:
-        y = base.clone()
+    y = torch.empty(N, h * B.shape[-1], dtype=x.dtype, device=x.device)
+    saved = _shrink(x, A, idx_c, w_c, order, srows, 0 if params else 1, K,
+                    torch.empty((N, r) if params else (N, K, r), dtype=torch.float32, device=x.device))
+    linear = (x, weight.t(), bias) if weight is not None else None
+    _expand(saved, B, idx_c, w_c, order, srows, K, scale, params, y, base, linear)
     return y, saved
 
 
 @torch.library.custom_op("routedlora::triton_forward", mutates_args=())
 def _forward_op(x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor, order: Tensor,
-                srows: Tensor, offs: Tensor, base: Optional[Tensor], scale: float,
-                combine: str) -> Tuple[Tensor, Tensor]:
-    return forward_impl(x, A, B, idx, w, route_ids, base, scale, combine, (order, srows, offs))
+                srows: Tensor, offs: Tensor, base: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                scale: float, combine: str) -> Tuple[Tensor, Tensor]:
+    return forward_impl(x, A, B, idx, w, route_ids, base, weight, bias, scale, combine, (order, srows, offs))
 
 
 @_forward_op.register_fake
-def forward_fake(x, A, B, idx, w, route_ids, order, srows, offs, base, scale, combine):
+def forward_fake(x, A, B, idx, w, route_ids, order, srows, offs, base, weight, bias, scale, combine):
     """Output shapes of the forward (also the cuda backend's): ``y (N, o)``, float32 activation."""
     N, r, K = x.shape[0], A.shape[3], idx.shape[2]
     y = x.new_empty(N, A.shape[0] * B.shape[-1])
@@ -451,90 +620,182 @@ def forward_fake(x, A, B, idx, w, route_ids, order, srows, offs, base, scale, co
     return y, saved
 
 
-def backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale: float, combine: str, meta) -> List[Tensor]:
-    """The backward op's body; ``meta`` is ``(order, srows, offs)`` as :func:`_routing_meta` gives."""
+def _grads_by_rows(grad, x, A, B, idx, w, saved, du, scale, params, meta, dA, dB, need_w):
+    """Skills' and routing gradients from per-row reductions: one more pass over ``x`` and one over
+    the gradient, then the (small) mixing. For routing rows of many tokens."""
     N, d = x.shape
-    h, m, dh, r = A.shape
-    oh = B.shape[-1]
     R, _, K = idx.shape
-    dev = x.device
-    order, srows, offs = meta
-    idx_c, w_c = idx.contiguous(), w.contiguous()
-    Bt = B.transpose(2, 3)  # (h, m, oh, r): pulls gradients into rank space
-    At = A.transpose(2, 3)  # (h, m, r, dh): rank space back to x
-    dx = torch.empty(N, d, dtype=x.dtype, device=dev)
-    dA = torch.empty_like(A)
-    dB = torch.empty_like(B)
-    if combine == "params":
-        u = saved
-        du = _shrink(grad, Bt, idx_c, w_c, order, srows, 0, K, torch.empty(N, r, dtype=torch.float32, device=dev))
-        du.mul_(scale)
-        us = u * scale
-        _expand(du, At, idx_c, w_c, order, srows, K, 1.0, True, dx)
-        _weight_grad(x, du, idx_c, w_c, route_ids, dA, dh, 1.0, True, False)
-        _weight_grad(grad, us, idx_c, w_c, route_ids, dB, oh, 1.0, True, True)
-        p_a = _shrink(x, A, idx_c, w_c, order, srows, 2, K, torch.empty(N, h, K, dtype=torch.float32, device=dev),
+    _, order, _, offs = meta
+    rp = A.shape[3] * (1 if params else K)
+    want_G, want_H = dA is not None or (need_w and params), dB is not None or need_w
+    G = torch.empty(R, d, rp, dtype=torch.float32, device=x.device) if want_G else None
+    Hh = torch.empty(R, grad.shape[1], rp, dtype=torch.float32, device=x.device) if want_H else None
+    _row_reduce(x, du.view(N, rp) if want_G else None, grad, saved.view(N, rp) if want_H else None, order, offs, G,
+                Hh, scale)
+    return _mix_grads(G, Hh, A, B, idx, w, dA, dB, not params, need_w)
+
+
+def _grads_by_tokens(grad, x, A, B, idx, w, saved, du, scale, params, meta, dA, dB, need_w):
+    """Skills' and routing gradients token by token: one weight-gradient program per (head, skill)
+    and per-token routing gradients summed per row. For routing rows of few tokens."""
+    N = x.shape[0]
+    h, m, dh, r = A.shape
+    R, _, K = idx.shape
+    route_ids, order, srows, offs = meta
+    if dA is not None:
+        _weight_grad(x, du, idx, w, route_ids, dA, dh, 1.0, params, False)
+    if dB is not None:
+        _weight_grad(grad, saved, idx, w, route_ids, dB, B.shape[-1], scale, params, True)
+    if not need_w:
+        return None
+    if params:
+        Bt = B.transpose(2, 3)
+        p_a = _shrink(x, A, idx, w, order, srows, 2, K, torch.empty(N, h, K, dtype=torch.float32, device=x.device),
                       v=du)
-        p_b = _shrink(grad, Bt, idx_c, w_c, order, srows, 2, K,
-                      torch.empty(N, h, K, dtype=torch.float32, device=dev), v=us)
-        per_token = (p_a + p_b).view(N, h * K)
+        p_b = _shrink(grad, Bt, idx, w, order, srows, 2, K,
+                      torch.empty(N, h, K, dtype=torch.float32, device=x.device), v=saved, scale=scale)
+        per_token = p_a.add_(p_b).view(N, h * K)
     else:
-        z = saved
-        G = _shrink(grad, Bt, idx_c, w_c, order, srows, 1, K, torch.empty(N, K, r, dtype=torch.float32, device=dev))
-        G.mul_(scale)
-        _expand(G, At, idx_c, w_c, order, srows, K, 1.0, False, dx)
-        _weight_grad(x, G, idx_c, w_c, route_ids, dA, dh, 1.0, False, False)
-        _weight_grad(grad, z, idx_c, w_c, route_ids, dB, oh, scale, False, True)
-        per_token = (G * z).sum(-1)  # (N, K): <g B_jᵀ, x A_j> * scale
-    dw = _segment_sum(per_token, order, offs, R).view(R, h, K).to(w.dtype)
-    if N == 0:
-        dA.zero_()
-        dB.zero_()
-    return [dx, dA, dB, dw]
+        per_token = (du * saved).sum(-1)  # (N, K): <γ g B_jᵀ, x A_j>
+    return _segment_sum(per_token, order, offs, R).view(R, h, K)
+
+
+GRADS = {"rows": _grads_by_rows, "tokens": _grads_by_tokens}
+
+
+def backward_impl(grad, x, A, B, idx, w, saved, weight, scale: float, combine: str, meta, needs,
+                  algorithm: str) -> List[Optional[Tensor]]:
+    """The backward op's body: ``[dx, dA, dB, dw]``, None where ``needs`` says not needed;
+    ``meta`` is ``(route_ids, order, srows, offs)``.
+
+    With ``weight`` the base linear's ``dx = g W`` is computed in the adapter dx's tiles."""
+    need_x, need_A, need_B, need_w = needs
+    N, d = x.shape
+    K = idx.shape[2]
+    _, order, srows, offs = meta
+    params = combine == "params"
+    idx_c, w_c = idx.contiguous(), w.contiguous()
+    du = None
+    if need_x or need_A or (need_w and params):
+        # γ g B̂ᵀ (params), or γ g B_jᵀ per slot (outputs): one pass over the gradient
+        shape = (N, A.shape[3]) if params else (N, K, A.shape[3])
+        du = _shrink(grad, B.transpose(2, 3), idx_c, w_c, order, srows, 0 if params else 1, K,
+                     torch.empty(shape, dtype=torch.float32, device=x.device), scale=scale)
+    dx = dA = dB = dw = None
+    if need_x:
+        dx = torch.empty(N, d, dtype=x.dtype, device=x.device)
+        linear = (grad, weight, None) if weight is not None else None
+        _expand(du, A.transpose(2, 3), idx_c, w_c, order, srows, K, 1.0, params, dx, None, linear)
+    if need_A:
+        dA = torch.empty_like(A)
+    if need_B:
+        dB = torch.empty_like(B)
+    if N == 0:  # no token: every gradient is zero
+        for t in (dA, dB):
+            if t is not None:
+                t.zero_()
+        dw = torch.zeros(idx.shape, dtype=torch.float32, device=x.device) if need_w else None
+    elif need_A or need_B or need_w:
+        dw = GRADS[algorithm](grad, x, A, B, idx_c, w_c, saved, du, scale, params, meta, dA, dB, need_w)
+    return [dx, dA, dB, None if dw is None else dw.to(w.dtype)]
 
 
 @torch.library.custom_op("routedlora::triton_backward", mutates_args=())
 def _backward_op(grad: Tensor, x: Tensor, A: Tensor, B: Tensor, idx: Tensor, w: Tensor, route_ids: Tensor,
-                 order: Tensor, srows: Tensor, offs: Tensor, saved: Tensor, scale: float, combine: str) -> List[Tensor]:
-    return backward_impl(grad, x, A, B, idx, w, route_ids, saved, scale, combine, (order, srows, offs))
+                 order: Tensor, srows: Tensor, offs: Tensor, saved: Tensor, weight: Optional[Tensor], scale: float,
+                 combine: str, needs: List[bool], algorithm: str) -> List[Tensor]:
+    grads = backward_impl(grad, x, A, B, idx, w, saved, weight, scale, combine, (route_ids, order, srows, offs),
+                          needs, algorithm)
+    return [g if g is not None else x.new_empty(0) for g in grads]  # an op returns tensors: empty = not needed
 
 
 @_backward_op.register_fake
-def backward_fake(grad, x, A, B, idx, w, route_ids, order, srows, offs, saved, scale, combine):
-    return [torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(w)]
+def backward_fake(grad, x, A, B, idx, w, route_ids, order, srows, offs, saved, weight, scale, combine, needs,
+                  algorithm):
+    return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, A, B, w), needs)]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# what RoutedLoraFunction hands the kernels: every token's row and the tokens grouped by row
-NEEDS_ROUTE_IDS = True
-NEEDS_GROUPING = True
+
+
+def backward_algorithm(N: int, R: int, d: int, o: int, rank: int, elem: int, h: int, m: int, K: int) -> str:
+    """``"rows"`` or ``"tokens"``: which way costs fewer bytes beyond the shared part of the backward
+    (the gradient's shrink and dx). Per-row reductions read ``x`` and the gradient once more and
+    write and re-read ``R·rank·(d+o)`` float32 numbers (``rank = r'``); the per-token kernels read
+    both once per (head, skill) for the skills' gradients and once per slot for the routing's."""
+    by_rows = N * (d + o) * elem + 2 * R * rank * (d + o) * 4
+    by_tokens = (m + K) * N * (d + o) * elem
+    return "rows" if by_rows <= by_tokens else "tokens"
+
+
+class Algorithm:
+    """The triton backend, with one way of computing the skills' and routing gradients
+    (:data:`GRADS`); the forward is the same for both."""
+
+    NEEDS_ROUTE_IDS = True  # RoutedLoraFunction hands the kernels every token's row ...
+    NEEDS_GROUPING = True  # ... and the tokens grouped by row
+    FUSES_LINEAR = True  # takes the base linear's weight and computes it in the expand's tiles
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def grouping(self, rows):
+        return rows.grouping()
+
+    def forward(self, x, A, B, idx, w, rows, scale, combine, base=None, inplace=False, linear=None):
+        return forward(x, A, B, idx, w, rows, scale, combine, base, linear=linear)
+
+    def backward(self, grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None, weight=None):
+        return backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx, weight, self.name)
+
+    def __repr__(self):
+        return f"triton_backend.Algorithm({self.name!r})"
+
+
+ALGORITHMS = {name: Algorithm(name) for name in GRADS}
+NEEDS_ROUTE_IDS = NEEDS_GROUPING = FUSES_LINEAR = True
 
 
 def plan(x, A, B, idx, rows, combine, backward=True):
-    """One algorithm: the fused kernels walk the tokens grouped by routing row."""
-    return _this_module
+    """The fused kernels walk the tokens grouped by routing row; the gradients go by rows or by tokens."""
+    h, m, _, r = A.shape
+    K = m if idx is None else idx.shape[2]
+    rank = r if combine == "params" else K * r
+    name = backward_algorithm(rows.n_tokens, rows.n_rows, x.shape[1], h * B.shape[-1], rank, x.element_size(), h,
+                              m, K)
+    return ALGORITHMS[name]
 
 
 def grouping(rows):
     return rows.grouping()
 
 
-def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False):
+def _check_dtype(x):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: backend='triton' takes float16, bfloat16 or float32, got {x.dtype}")
+
+
+def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False, linear=None):
+    """``linear = (weight, bias)``: the op's own base linear, computed in the same kernel."""
+    _check_dtype(x)
+    weight, bias = linear if linear is not None else (None, None)
     meta = (sparse_index(idx, w), w, rows.route_ids, *rows.grouping())
-    y, saved = _forward_op(x.contiguous(), A, B, *meta, base, float(scale), combine)
+    y, saved = _forward_op(x.contiguous(), A, B, *meta, base, weight, bias, float(scale), combine)
     return y, (saved,)
 
 
-def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None):
-    dx_base = dx
+def backward(grad, x, A, B, idx, w, rows, scale, combine, saved, needs, dx=None, weight=None, algorithm=None):
+    """A given ``dx`` (the base's) has the adapter's added to it; ``weight``: the base's ``g W`` is
+    computed in the adapter dx's kernel instead."""
+    if algorithm is None:
+        algorithm = plan(x, A, B, idx, rows, combine).name
     meta = (sparse_index(idx, w), w, rows.route_ids, *rows.grouping())
-    dx, dA, dB, dw = _backward_op(grad, x.contiguous(), A, B, *meta, saved[0], float(scale), combine)
-    if dx_base is not None:
-        dx = dx_base.add_(dx)
-    need_x, need_A, need_B, need_w = needs
-    return (dx if need_x else None, dA if need_A else None, dB if need_B else None, dw if need_w else None)
+    grads = _backward_op(grad, x.contiguous(), A, B, *meta, saved[0], weight, float(scale), combine,
+                         [bool(n) for n in needs], algorithm)
+    dx_a, dA, dB, dw = (g if n else None for g, n in zip(grads, needs))
+    if dx is not None and dx_a is not None:
+        dx_a = dx.add_(dx_a)
+    return dx_a, dA, dB, dw
 
 
 # --- routers in a kernel ------------------------------------------------------------
@@ -558,27 +819,46 @@ def _router_args(logits, rows_task, row_example, seed, kind, k, temperature, ren
     K = m if kind in ("poly", "softmax") else k
     eps = torch.finfo(torch.float32).eps
     tiny = torch.finfo(torch.float32).tiny
-    seed_t = seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=logits.device)
-    consts = dict(KIND=ROUTER_KINDS[kind], NOISE=seed is not None, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2))
-    return R, h, m, K, seed_t, (h, m, K, int(ex_offset), 1.0 / float(temperature), eps, tiny), consts
+    # placeholders for pointers a variant never reads: any int64 tensor
+    ptrs = (row_example if row_example is not None else rows_task, seed if seed is not None else rows_task)
+    consts = dict(KIND=ROUTER_KINDS[kind], NOISE=seed is not None, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2),
+                  ROW_IS_EXAMPLE=row_example is None)
+    return R, h, m, K, ptrs, (h, m, K, int(ex_offset), 1.0 / float(temperature), eps, tiny), consts
 
 
 @torch.library.custom_op("routedlora::triton_route", mutates_args=())
-def _route_op(logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Optional[Tensor], kind: str, k: int,
-              temperature: float, renormalize: bool, ex_offset: int) -> Tuple[Tensor, Tensor]:
-    R, h, m, K, seed_t, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
-                                                       renormalize, ex_offset)
+def _route_op(logits: Tensor, rows_task: Tensor, row_example: Optional[Tensor], seed: Optional[Tensor], kind: str,
+              k: int, temperature: float, renormalize: bool, ex_offset: int) -> Tuple[Tensor, Tensor]:
+    R, h, m, K, ptrs, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
+                                                     renormalize, ex_offset)
     idx = torch.empty(R, h, K, dtype=torch.int64, device=logits.device)
     w = torch.empty(R, h, K, dtype=torch.float32, device=logits.device)
     if R and _recorder is not None:
-        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, False)
+        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, False, row_example)
+        _recorded_route(logits, rows_task, kind, K, idx, w)
     elif R:
-        _rk()._router_forward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, w, *scalars,
+        _rk()._router_forward_kernel[(R, h)](logits, rows_task, *ptrs, idx, w, *scalars,
                                              *logits.stride(), *w.stride(), **consts)
     return idx, w
 
 
-def router_traffic(logits, rows_task, kind, K, noise, renormalize, backward) -> Traffic:
+def _recorded_route(logits, rows_task, kind, K, idx, w) -> None:
+    """While launches are recorded, the rows the kernel would write (noise-free), so that what the
+    next launches' formulas read from them (which skills a row selects) is right."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        z = logits.detach().float()[rows_task]
+        if kind == "topk":
+            top = torch.softmax(z, -1).topk(K, dim=-1)
+            idx.copy_(top.indices)
+            w.copy_(top.values / top.values.sum(-1, keepdim=True))
+        else:
+            idx.copy_(torch.arange(K, device=idx.device).expand_as(idx))
+            w.copy_(torch.sigmoid(z) if kind == "poly" else torch.softmax(z, -1))
+
+
+def router_traffic(logits, rows_task, kind, K, noise, renormalize, backward, row_example=None) -> Traffic:
     """One program per (routing row, head): the row's logits in, its K (index, weight) slots out;
     in backward the slots' gradients in and the logits' gradient row out."""
     T, h, m = logits.shape
@@ -586,10 +866,10 @@ def router_traffic(logits, rows_task, kind, K, noise, renormalize, backward) -> 
     el, P = logits.element_size(), R * h
     req = {"ROWS_TASK": 8 * P, "LOGITS": el * m * P}
     dist = {"ROWS_TASK": 8 * R, "LOGITS": el * int(torch.unique(rows_task).numel()) * h * m}
-    if kind == "poly":
+    if kind == "poly" and row_example is not None:
         req["ROW_EX"], dist["ROW_EX"] = 8 * P, 8 * R
-        if noise:
-            req["SEED"], dist["SEED"] = 8 * P, 8
+    if kind == "poly" and noise:
+        req["SEED"], dist["SEED"] = 8 * P, 8
     if not backward:
         req.update(W=4 * K * P, IDX=8 * K * P)
         dist.update(W=4 * K * P, IDX=8 * K * P)
@@ -599,7 +879,7 @@ def router_traffic(logits, rows_task, kind, K, noise, renormalize, backward) -> 
         dist.update(DW=4 * K * P, IDX=8 * K * P if slot_reads else 0, DZ=4 * m * P)
     name = "_router_backward_kernel" if backward else "_router_forward_kernel"
     variant = dict(KIND=ROUTER_KINDS[kind], NOISE=noise, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2),
-                   dtype=str(logits.dtype), num_warps=4, num_stages=3)
+                   ROW_IS_EXAMPLE=row_example is None, dtype=str(logits.dtype), num_warps=4, num_stages=3)
     return Traffic(name, (R, h), req, dist, 0, variant)
 
 
@@ -611,26 +891,26 @@ def _(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, e
 
 
 @torch.library.custom_op("routedlora::triton_route_backward", mutates_args=())
-def _route_backward_op(dw: Tensor, logits: Tensor, rows_task: Tensor, row_example: Tensor, seed: Optional[Tensor],
-                       idx: Tensor, kind: str, k: int, temperature: float, renormalize: bool,
-                       ex_offset: int) -> Tensor:
-    R, h, m, K, seed_t, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
-                                                       renormalize, ex_offset)
+def _route_backward_op(dw: Tensor, logits: Tensor, rows_task: Tensor, row_example: Optional[Tensor],
+                       seed: Optional[Tensor], idx: Tensor, task_order: Tensor, task_offs: Tensor, kind: str, k: int,
+                       temperature: float, renormalize: bool, ex_offset: int) -> Tensor:
+    R, h, m, K, ptrs, scalars, consts = _router_args(logits, rows_task, row_example, seed, kind, k, temperature,
+                                                     renormalize, ex_offset)
     T = logits.shape[0]
-    dz = torch.zeros(R, h, m, dtype=torch.float32, device=logits.device)
+    dz = torch.empty(R, h, m, dtype=torch.float32, device=logits.device)
     if R and _recorder is not None:
-        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, True)
+        _record(router_traffic, logits, rows_task, kind, K, seed is not None, renormalize, True, row_example)
     elif R:
         dw_c = dw.contiguous().float()
-        _rk()._router_backward_kernel[(R, h)](logits, rows_task, row_example, seed_t, idx, dw_c, dw_c, dz, *scalars,
+        _rk()._router_backward_kernel[(R, h)](logits, rows_task, *ptrs, idx, dw_c, dw_c, dz, *scalars,
                                               *logits.stride(), *dw_c.stride(), dz.stride(0), dz.stride(1), **consts)
     # rows of one task add up, summed per task in a fixed order (no atomics)
-    order, _, offs = _routing_meta(rows_task, T)
-    return _segment_sum(dz.view(R, h * m), order, offs, T).view(T, h, m).to(logits.dtype)
+    return _segment_sum(dz.view(R, h * m), task_order, task_offs, T).view(T, h, m).to(logits.dtype)
 
 
 @_route_backward_op.register_fake
-def _(dw, logits, rows_task, row_example, seed, idx, kind, k, temperature, renormalize, ex_offset):
+def _(dw, logits, rows_task, row_example, seed, idx, task_order, task_offs, kind, k, temperature, renormalize,
+      ex_offset):
     return torch.empty_like(logits)
 
 
@@ -638,32 +918,43 @@ class TritonRouterFunction(torch.autograd.Function):
     """Routing rows from the logits table in one kernel; logit gradients per task in another."""
 
     @staticmethod
-    def forward(ctx, logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset):
+    def forward(ctx, logits, rows_task, row_example, seed, task_order, task_offs, kind, k, temperature, renormalize,
+                ex_offset):
         idx, w = _route_op(logits, rows_task, row_example, seed, kind, k, temperature, renormalize, ex_offset)
-        ctx.save_for_backward(logits, rows_task, row_example, seed, idx)
+        ctx.save_for_backward(logits, rows_task, row_example, seed, idx, task_order, task_offs)
         ctx.args = (kind, k, temperature, renormalize, ex_offset)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # no zeros for idx's gradient: it has none
         return idx, w
 
     @staticmethod
     def backward(ctx, _didx, dw):
-        logits, rows_task, row_example, seed, idx = ctx.saved_tensors
-        dlogits = _route_backward_op(dw, logits, rows_task, row_example, seed, idx, *ctx.args)
-        return dlogits, None, None, None, None, None, None, None, None
+        if dw is None:
+            return (None,) * 11
+        logits, rows_task, row_example, seed, idx, task_order, task_offs = ctx.saved_tensors
+        dlogits = _route_backward_op(dw, logits, rows_task, row_example, seed, idx, task_order, task_offs, *ctx.args)
+        return (dlogits,) + (None,) * 10
 
 
-def route(logits: Tensor, rows_task: Tensor, row_example: Tensor, *, kind: str, seed: Optional[Tensor] = None,
-          k: int = 1, temperature: float = 1.0, renormalize: bool = True, ex_offset: int = 0):
+def route(logits: Tensor, rows_task: Tensor, row_example: Optional[Tensor] = None, *, kind: str,
+          seed: Optional[Tensor] = None, k: int = 1, temperature: float = 1.0, renormalize: bool = True,
+          ex_offset: int = 0, by_task: Optional[Tuple[Tensor, Tensor, Tensor]] = None):
     """``(idx, w)`` rows of ``logits[rows_task]`` under router ``kind``, computed in a Triton kernel.
 
     ``seed`` (a one-element int64 device tensor) switches on Gumbel-sigmoid noise for
-    ``poly``: the uniform draw of example ``row_example[r] + ex_offset``, head q, skill s
-    is Philox(seed, (example * h + q) * m + s), regenerated in backward, never stored.
+    ``poly``: the uniform draw of example ``row_example[r] + ex_offset`` (``None``: row r is
+    example r), head q, skill s is Philox(seed, (example * h + q) * m + s), regenerated in
+    backward, never stored. ``by_task``: the rows grouped by task, ``(order, sorted tasks,
+    offsets)`` as :meth:`TokenRows.grouping` gives (once per batch); else sorted here.
     """
     if kind not in ROUTER_KINDS:
         raise ValueError(f"kind: the in-kernel routers are {tuple(ROUTER_KINDS)}, got {kind!r}")
-    return TritonRouterFunction.apply(logits, rows_task.long(), row_example.long(), seed, kind, int(k),
-                                      float(temperature), bool(renormalize), int(ex_offset))
+    rows_task = rows_task.long()
+    if by_task is None:
+        by_task = _routing_meta(rows_task, logits.shape[0])
+    return TritonRouterFunction.apply(logits, rows_task, None if row_example is None else row_example.long(), seed,
+                                      by_task[0], by_task[2], kind, int(k), float(temperature), bool(renormalize),
+                                      int(ex_offset))
 
 
 @torch.library.custom_op("routedlora::triton_uniform", mutates_args=())
