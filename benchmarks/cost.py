@@ -26,6 +26,7 @@ are in each routedlora row's ``per_batch``.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -110,11 +111,19 @@ def cases(heads=(1, 4)) -> Dict[str, List[LayerCase]]:
     }
 
 
+def grid_fill(kernel) -> float:
+    """The share of the GPU a launch's grid occupies: a custom kernel of P < 132 programs is priced at
+    P/132 of the bandwidth and peak (conservative: one program per SM, an SM pulling no more than
+    its share). Library kernels (torch's, cuBLAS) are assumed to fill the GPU."""
+    grid = (kernel.detail or {}).get("grid")
+    return min(1.0, math.prod(grid) / H100_SMS) if grid else 1.0
+
+
 def projected_s(kernels) -> float:
     bw = DEVICE_MODEL["hbm_bandwidth_bytes_per_s"]
     peaks = DEVICE_MODEL["peak_flops_per_s"]
-    return sum(max(k.flops / peaks.get(k.dtype, peaks["float32"]), k.bytes / bw) + DEVICE_MODEL["launch_s"]
-               for k in kernels)
+    return sum(max(k.flops / peaks.get(k.dtype, peaks["float32"]), k.bytes / bw) / max(grid_fill(k), 1e-9)
+               + DEVICE_MODEL["launch_s"] for k in kernels)
 
 
 @contextlib.contextmanager

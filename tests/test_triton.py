@@ -171,6 +171,27 @@ def test_one_task_every_token_own_row_and_straddling_tiles(combine, algo):
             route_ids=torch.tensor([0, 3, 8] * 6 + [3, 3]))
 
 
+def _tile_config(name):
+    if name == "split":  # token chunks of one tile and one skill per program: split grids, skill blocks
+        return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_O=16, BLOCK_W=16, BLOCK_K=16, SPLIT_TILES=1, SKILL_COLUMNS=16,
+                    num_warps=1, num_stages=1)
+    return triton_backend.tile_table()["classes"][name]  # the GPU's tile sizes, run in the interpreter
+
+
+@pytest.mark.parametrize("cls", ["decode", "medium", "train", "split"])
+@pytest.mark.parametrize("r", [1, 16, 64, 128])
+@pytest.mark.parametrize("combine,h,kind", [("params", 2, "poly"), ("outputs", 1, "topk")])
+def test_tile_classes_and_ranks(cls, r, combine, h, kind):
+    # the interpreter picks its own small tiles; here every class's GPU tiles run on a small shape
+    # (d and o not multiples of any block, tiles straddling rows) at every rank the kernels size for
+    if cls == "split" and r in (16, 64):
+        pytest.skip("small tiles are slow in the interpreter: the smallest and largest rank suffice")
+    with triton_backend.tile_override(_tile_config(cls)):
+        for algo in ("rows", "tokens"):
+            compare(N=70, d=2 * 37, o=2 * 21, r=r, h=h, m=5, R=6, combine=combine, kind=kind, dtype=torch.float32,
+                    base_kind="linear", algo=algo, seed=r)
+
+
 def test_weight_gradients_are_deterministic():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 16, generator=g).to(DEVICE)

@@ -17,7 +17,10 @@ from routedlora.ops import triton_backend as tb
 
 pytestmark = pytest.mark.skipif(not tb.is_available(torch.device("cpu")), reason="needs Triton's interpreter")
 
-TILES = [None, dict(BLOCK_N=32, BLOCK_D=16, BLOCK_O=32, BLOCK_W=16, BLOCK_K=32, num_warps=1, num_stages=1)]
+# the second: token chunks as short as one tile and two skills per program, so split grids and
+# skill blocks run on small shapes
+TILES = [None, dict(BLOCK_N=32, BLOCK_D=16, BLOCK_O=32, BLOCK_W=16, BLOCK_K=32, SPLIT_TILES=1, SKILL_COLUMNS=32,
+                    num_warps=1, num_stages=1)]
 SHAPES = [  # N, h, m, dh, oh, r, R, K
     (37, 2, 4, 12, 9, 3, 5, 2), (1, 1, 3, 7, 5, 1, 1, 3), (50, 1, 6, 20, 33, 2, 50, 1), (64, 4, 3, 5, 6, 4, 3, 3)]
 CASES = list(itertools.product(SHAPES, ("random", "sequences", "tokens"), range(len(TILES))))
@@ -77,20 +80,27 @@ def test_shrink(shape, layout, tile, mode):
     X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, seed=N + mode)
     out = (torch.empty(N, r), torch.empty(N, K, r), torch.empty(N, h, K))[mode]
     v = torch.randn(N, r, generator=g) if mode == 2 else None
-    launch = counted(tile, lambda: tb._shrink(X, A, idx, w, order, srows, mode, K, out, v=v))
+    res = {}
+    launch = counted(tile, lambda: res.setdefault("parts", tb._shrink(X, A, idx, w, order, srows, mode, K, out, v=v)))
     b = blocks(tile, N, dh, r)
-    check(launch, tb.shrink_traffic(X, A, idx, w, srows, mode, K, out, v, b, (tb.triton_cdiv(N, b["BLOCK_N"]),)))
+    b["BLOCK_M"] = tb._skill_block(m, r, b) if mode == 2 else 1
+    splits = tb._split_k(N, h if mode != 2 else 1, dh, b)[0]  # split-K: partials, one per split
+    assert tuple(res["parts"].shape) == (splits,) + tuple(out.shape)
+    check(launch, tb.shrink_traffic(X, A, idx, w, srows, mode, K, res["parts"], v, b,
+                                    (tb.triton_cdiv(N, b["BLOCK_N"]), splits)))
 
 
 @pytest.mark.parametrize("shape,layout,tile", CASES)
 @pytest.mark.parametrize("mix,base_kind", [(True, "tensor"), (True, None), (False, "tensor"), (True, "linear"),
                                            (False, "linear_nobias")])
-def test_expand(shape, layout, tile, mix, base_kind):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_expand(shape, layout, tile, mix, base_kind, splits):
     N, h, m, dh, oh, r, R, K = shape
     if not mix and h != 1:
         pytest.skip("one slot per rank vector: the outputs combine, one head")
     X, A, B, idx, w, rid, order, srows, _, g = setup(shape, layout, dtype=torch.float16, seed=N)
-    U = torch.randn((N, r) if mix else (N, K, r), generator=g)
+    U = torch.randn((splits, N, r) if mix else (splits, N, K, r), generator=g)  # the shrink's partials
+    u_out = torch.empty(U.shape[1:]) if splits > 1 else None  # the summed partials kept for backward
     y = torch.empty(N, h * oh, dtype=torch.float16)
     base = torch.randn(N, h * oh, generator=g).half() if base_kind == "tensor" else None
     linear = None
@@ -98,10 +108,12 @@ def test_expand(shape, layout, tile, mix, base_kind):
         W = torch.randn(h * oh, h * dh + 3, generator=g).half()
         bias = torch.randn(h * oh, generator=g).half() if base_kind == "linear" else None
         linear = (torch.randn(N, h * dh + 3, generator=g).half(), W.t(), bias)
-    launch = counted(tile, lambda: tb._expand(U, B, idx, w, order, srows, K, 0.5, mix, y, base, linear))
+    launch = counted(tile, lambda: tb._expand(U, B, idx, w, order, srows, K, 0.5, mix, y, base, linear, u_out))
+    if u_out is not None:
+        torch.testing.assert_close(u_out, U.sum(0), rtol=1e-6, atol=1e-6)
     b = blocks(tile, N, oh, r)
-    grid = (tb.triton_cdiv(N, b["BLOCK_N"]) * h * tb.triton_cdiv(oh, b["BLOCK_O"]),)
-    check(launch, tb.expand_traffic(U, B, idx, w, srows, K, mix, y, base, linear, b, grid))
+    grid = tb._expand_grid(N, h, oh, b)
+    check(launch, tb.expand_traffic(U, B, idx, w, srows, K, mix, y, base, linear, b, grid, u_out))
 
 
 @pytest.mark.parametrize("shape,layout,tile", CASES)
@@ -157,8 +169,11 @@ def test_weight_grad(shape, layout, tile, shared_v, transposed):
     out = torch.empty(h, m, r, dh) if transposed else torch.empty(h, m, dh, r)
     launch = counted(tile, lambda: tb._weight_grad(X, V, idx, w, rid, out, dh, 1.0, shared_v, transposed))
     b = blocks(tile, N, dh, r)
-    grid = (h * m, tb.triton_cdiv(dh, b["BLOCK_W"]))
-    check(launch, tb.weight_grad_traffic(X, V, idx, w, rid, out, dh, shared_v, b, grid))
+    b["BLOCK_M"] = tb._skill_block(m, r, b)
+    programs = h * tb.triton_cdiv(m, b["BLOCK_M"]) * tb.triton_cdiv(dh, b["BLOCK_W"])
+    chunks, chunk = tb._token_chunks(N, programs, b)
+    dst = out if chunks == 1 else torch.empty((chunks,) + tuple(out.shape))
+    check(launch, tb.weight_grad_traffic(X, V, idx, w, rid, dst, dh, shared_v, b, (programs, chunks), chunk))
 
 
 @pytest.mark.parametrize("shape,layout", list(itertools.product(SHAPES, ("random", "sequences", "tokens"))))
@@ -167,7 +182,14 @@ def test_segment_sum(shape, layout):
     X, A, B, idx, w, rid, order, srows, offs, g = setup(shape, layout, seed=N + 3)
     P = torch.randn(N, h * K, generator=g)
     launch = counted(0, lambda: tb._segment_sum(P, order, offs, R))
-    check(launch, tb.segment_sum_traffic(P, offs, R, 16))
+    check(launch, tb.segment_sum_traffic(P[None], offs, R, 16))
+    Pp, Qp = torch.randn(3, N, h * K, generator=g), torch.randn(2, N, h * K, generator=g)  # two sources' partials
+    res = {}
+    launch = counted(0, lambda: res.setdefault("out", tb._segment_sum(Pp, order, offs, R, Qp)))
+    check(launch, tb.segment_sum_traffic(Pp, offs, R, 16, Qp))
+    per_token = Pp.sum(0) + Qp.sum(0)
+    want = torch.zeros(R, h * K).index_add_(0, rid, per_token)
+    torch.testing.assert_close(res["out"], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,kw,noise", [("poly", {}, False), ("poly", {}, True), ("softmax", {}, False),

@@ -48,14 +48,16 @@ def signature(kernel: str, dtype: str):
         "_shrink_kernel": (K._shrink_kernel, dict(X=t, M=t, IDX="*i64", WGT="*fp32", ORDER="*i64", SROWS="*i64",
                                                   OUT="*fp32", V="*fp32"), ("scale",)),
         "_expand_kernel": (K._expand_kernel, dict(U="*fp32", M=t, IDX="*i64", WGT="*fp32", ORDER="*i64",
-                                                  SROWS="*i64", BASE=t, Y=t, X=t, WT=t, BIAS=t), ("scale",)),
+                                                  SROWS="*i64", BASE=t, Y=t, X=t, WT=t, BIAS=t, UOUT="*fp32"),
+                           ("scale",)),
         "_row_reduce_kernel": (K._row_reduce_kernel, dict(X=t, DU="*fp32", GRAD=t, U="*fp32", ORDER="*i64",
                                                           OFFS="*i64", G="*fp32", HH="*fp32"), ("scale",)),
         "_mix_grads_kernel": (K._mix_grads_kernel, dict(G="*fp32", HH="*fp32", A=t, B=t, DA=t, DB=t, IDX="*i64",
                                                         WGT="*fp32", DWP="*fp32"), ()),
         "_weight_grad_kernel": (K._weight_grad_kernel, dict(WIDE=t, VR="*fp32", IDX="*i64", WGT="*fp32",
                                                             RIDS="*i64", OUT=t), ("scale",)),
-        "_segment_sum_kernel": (K._segment_sum_kernel, dict(P="*fp32", ORDER="*i64", OFFS="*i64", OUT="*fp32"), ()),
+        "_segment_sum_kernel": (K._segment_sum_kernel, dict(P="*fp32", Q="*fp32", ORDER="*i64", OFFS="*i64",
+                                                            OUT="*fp32"), ()),
         "_router_forward_kernel": (RK._router_forward_kernel, dict(LOGITS=t, ROWS_TASK="*i64", ROW_EX="*i64",
                                                                    SEED="*i64", IDX="*i64", W="*fp32"),
                                    ("inv_tau", "eps", "tiny")),
@@ -124,14 +126,15 @@ def variants(K):
         if mode == 1 and heads != 1:
             continue
         yield (f"shrink mode={mode} h={heads} {dt}", *signature("_shrink_kernel", dt),
-               dict(H=heads, MODE=mode, PREC=prec(dt), BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
-    for dt, mix, (has_base, linear, bias) in itertools.product(TY, [True, False], [(True, False, False),
-                                                                               (False, False, False),
-                                                                               (False, True, True),
-                                                                               (False, True, False)]):
-        yield (f"expand mix={mix} base={has_base} linear={linear} bias={bias} {dt}", *signature("_expand_kernel", dt),
-               dict(MIX=mix, HAS_BASE=has_base, LINEAR=linear, HAS_BIAS=bias, PREC=prec(dt), BLOCK_N=64,
-                    BLOCK_O=128, BLOCK_R=16, BLOCK_K=64), "i32")
+               dict(H=heads, MODE=mode, PREC=prec(dt), BLOCK_N=64, BLOCK_D=64, BLOCK_R=16,
+                    BLOCK_M=8 if mode == 2 else 1), "i32")
+    for dt, mix, (has_base, linear, bias), store_u in itertools.product(
+            TY, [True, False], [(True, False, False), (False, False, False), (False, True, True), (False, True, False)],
+            [False, True]):
+        yield (f"expand mix={mix} base={has_base} linear={linear} bias={bias} store_u={store_u} {dt}",
+               *signature("_expand_kernel", dt),
+               dict(MIX=mix, HAS_BASE=has_base, LINEAR=linear, HAS_BIAS=bias, STORE_U=store_u, PREC=prec(dt),
+                    BLOCK_N=64, BLOCK_O=128, BLOCK_R=16, BLOCK_K=64), "i32")
     for dt in TY:
         yield (f"row_reduce {dt}", *signature("_row_reduce_kernel", dt),
                dict(PREC=prec(dt), BLOCK_N=64, BLOCK_W=128, BLOCK_R=16), "i32")
@@ -141,11 +144,11 @@ def variants(K):
                     else 2), "i32")
     for dt, shared in itertools.product(TY, [True, False]):
         yield (f"weight_grad shared_v={shared} {dt}", *signature("_weight_grad_kernel", dt),
-               dict(SHARED_V=shared, PREC=prec(dt), BLOCK_N=64, BLOCK_W=64, BLOCK_R=32), "i32")
+               dict(SHARED_V=shared, PREC=prec(dt), BLOCK_N=64, BLOCK_W=64, BLOCK_R=16, BLOCK_M=8), "i32")
     yield ("shrink mode=0 h=2 bfloat16, 64-bit strides", *signature("_shrink_kernel", "bfloat16"),
-           dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128), "i64")
+           dict(H=2, MODE=0, PREC="tf32", BLOCK_N=16, BLOCK_D=64, BLOCK_R=128, BLOCK_M=1), "i64")
     yield ("shrink mode=0 h=64 bfloat16 (many heads)", *signature("_shrink_kernel", "bfloat16"),
-           dict(H=64, MODE=0, PREC="tf32", BLOCK_N=64, BLOCK_D=64, BLOCK_R=16), "i32")
+           dict(H=64, MODE=0, PREC="tf32", BLOCK_N=64, BLOCK_D=64, BLOCK_R=16, BLOCK_M=1), "i32")
     yield ("segment_sum", *signature("_segment_sum_kernel", "float32"), dict(BLOCK_T=64, BLOCK_C=16), "i64")
 
 

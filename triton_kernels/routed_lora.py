@@ -10,9 +10,9 @@ Seven kernels serve forward and backward:
 
 * ``_shrink_kernel``   x-side products with the skills' ``(dh, r)`` matrices, MODE
                        0: mixed and summed over heads -> ``(N, r)``; 1: one result
-                       per slot -> ``(N, K, r)``; 2: per head and slot, dotted with a
-                       per-token rank vector -> ``(N, h, K)`` (routing gradients);
-                       times ``scale``.
+                       per slot -> ``(N, K, r)``; 2: every skill of a head in one
+                       product, dotted with a per-token rank vector and gathered per
+                       slot -> ``(N, h, K)`` (routing gradients); times ``scale``.
 * ``_expand_kernel``   rank space back to features, ``(N, r) or (N, K, r)`` times
                        the skills' ``(r, oh)`` matrices, added to a base output or,
                        ``LINEAR``, to the base linear ``x Wᵀ + b`` computed in the
@@ -24,10 +24,12 @@ Seven kernels serve forward and backward:
 * ``_mix_grads_kernel``   those per-row reductions mixed into every skill's gradient
                        (all skills of a head in one program) and dotted with the
                        skills for the routing-weight gradients.
-* ``_weight_grad_kernel``  ``Σ_n wide[n]ᵀ ⊗ (coefficient · rank vector)[n]`` per
-                       (head, skill, column block): the skills' gradients token by
-                       token, for rows of few tokens.
-* ``_segment_sum_kernel``  per-token routing gradients summed per routing row.
+* ``_weight_grad_kernel``  ``Σ_n wide[n]ᵀ ⊗ (coefficient · rank vector)[n]`` for a
+                       block of skills at once per (head, column block, token
+                       chunk): the skills' gradients token by token, for rows of
+                       few tokens, with ``wide`` read once per skill block.
+* ``_segment_sum_kernel``  per-token routing gradients (split-K partials of one or two
+                       sources) summed per routing row.
 
 The same shrink/expand kernels run transposed views of the skills in backward
 (``Bᵀ`` to pull gradients into rank space, ``Aᵀ`` to go back to ``x``). Every
@@ -46,57 +48,77 @@ def _next_row(rows, row):
 
 
 @triton.jit
-def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
-                   N, DH, RANK, K, scale,
-                   sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k,
-                   so_n, so_a, so_b, sv_n, sv_r,
-                   H: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = offs < N
-    tok = tl.load(ORDER + offs, mask=valid, other=0)
-    rows = tl.load(SROWS + offs, mask=valid, other=ROW_PAD)
-    rr = tl.arange(0, BLOCK_R)
-    rmask = rr < RANK
+def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
+                    sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    # OUT[n, q, j] = scale · ⟨x_q[n] M_q,s, v[n]⟩ for the skill s of slot j: every skill of the head
+    # against the tile in one product (the skills side by side as BLOCK_M·BLOCK_R columns), so x is
+    # read once per skill block, not once per slot; rows need no segments (each token gathers its own)
+    ff = tl.arange(0, BLOCK_M * BLOCK_R)
+    fk = ff % BLOCK_R
     dd = tl.arange(0, BLOCK_D)
+    for q in tl.static_range(H):
+        for s0 in range(0, SKILLS, BLOCK_M):
+            fs = s0 + ff // BLOCK_R
+            fmask = (fs < SKILLS) & (fk < RANK)
+            z = tl.zeros((BLOCK_N, BLOCK_M * BLOCK_R), dtype=tl.float32)
+            for d0 in range(lo * BLOCK_D, hi * BLOCK_D, BLOCK_D):  # this program's column blocks of the head
+                dmask = (d0 + dd) < DH
+                xt = tl.load(X + tok[:, None] * sx_n + (q * DH + d0 + dd)[None, :] * sx_d,
+                             mask=valid[:, None] & dmask[None, :], other=0.0)
+                a = tl.load(M + q * sm_q + fs[None, :] * sm_s + (d0 + dd)[:, None] * sm_d + fk[None, :] * sm_r,
+                            mask=dmask[:, None] & fmask[None, :], other=0.0)
+                z += tl.dot(xt, a, input_precision=PREC)
+            p = tl.sum(tl.reshape(z, (BLOCK_N, BLOCK_M, BLOCK_R)) * v[:, None, :], axis=2) * scale
+            ms = s0 + tl.arange(0, BLOCK_M)
+            for j in range(K):
+                sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=valid, other=-1)
+                pj = tl.sum(tl.where(ms[None, :] == sj[:, None], p, 0.0), axis=1)
+                hit = valid & (sj >= s0) & (sj < s0 + BLOCK_M)
+                tl.store(OUT + tok * so_n + q * so_a + j * so_b, pj, mask=hit)
+
+
+@triton.jit
+def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
+                    sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, MODE: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # modes 0 and 1: the tile's routing-row segments one by one, each row's skills mixed (0) or
+    # applied slot by slot (1), over this program's steps [lo, hi) of the (head, column block) walk
+    dd = tl.arange(0, BLOCK_D)
+    nd = tl.cdiv(DH, BLOCK_D)
     acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    if MODE == 2:
-        v = tl.load(V + tok[:, None] * sv_n + rr[None, :] * sv_r, mask=valid[:, None] & rmask[None, :], other=0.0)
     row = tl.min(rows, axis=0)
     while row < ROW_PAD:
         seg = valid & (rows == row)
-        for q in tl.static_range(H):
-            if MODE == 0:
-                for d0 in range(0, DH, BLOCK_D):
-                    dmask = (d0 + dd) < DH
-                    xt = tl.load(X + tok[:, None] * sx_n + (q * DH + d0 + dd)[None, :] * sx_d,
-                                 mask=seg[:, None] & dmask[None, :], other=0.0)
-                    mixed = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
-                    for j in range(K):
-                        s = tl.load(IDX + row * si_r + q * si_q + j * si_k)
-                        wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
-                        a = tl.load(M + q * sm_q + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
-                                    mask=dmask[:, None] & rmask[None, :], other=0.0)
-                        mixed += wj * a.to(tl.float32)
-                    acc_u += tl.dot(xt, mixed.to(xt.dtype), input_precision=PREC)
-            else:
+        if MODE == 0:
+            for step in range(lo, hi):
+                q = step // nd
+                d0 = (step % nd) * BLOCK_D
+                dmask = (d0 + dd) < DH
+                xt = tl.load(X + tok[:, None] * sx_n + (q * DH + d0 + dd)[None, :] * sx_d,
+                             mask=seg[:, None] & dmask[None, :], other=0.0)
+                mixed = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
                 for j in range(K):
                     s = tl.load(IDX + row * si_r + q * si_q + j * si_k)
-                    z = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-                    for d0 in range(0, DH, BLOCK_D):
-                        dmask = (d0 + dd) < DH
-                        xt = tl.load(X + tok[:, None] * sx_n + (q * DH + d0 + dd)[None, :] * sx_d,
-                                     mask=seg[:, None] & dmask[None, :], other=0.0)
-                        a = tl.load(M + q * sm_q + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
-                                    mask=dmask[:, None] & rmask[None, :], other=0.0)
-                        z += tl.dot(xt, a, input_precision=PREC)
-                    if MODE == 1:
-                        tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b, z * scale,
-                                 mask=seg[:, None] & rmask[None, :])
-                    else:
-                        p = tl.sum(z * v, axis=1) * scale
-                        tl.store(OUT + tok * so_n + q * so_a + j * so_b, p, mask=seg)
+                    wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
+                    a = tl.load(M + q * sm_q + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
+                                mask=dmask[:, None] & rmask[None, :], other=0.0)
+                    mixed += wj * a.to(tl.float32)
+                acc_u += tl.dot(xt, mixed.to(xt.dtype), input_precision=PREC)
+        else:  # one head
+            for j in range(K):
+                s = tl.load(IDX + row * si_r + j * si_k)
+                z = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+                for step in range(lo, hi):
+                    d0 = step * BLOCK_D
+                    dmask = (d0 + dd) < DH
+                    xt = tl.load(X + tok[:, None] * sx_n + (d0 + dd)[None, :] * sx_d,
+                                 mask=seg[:, None] & dmask[None, :], other=0.0)
+                    a = tl.load(M + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
+                                mask=dmask[:, None] & rmask[None, :], other=0.0)
+                    z += tl.dot(xt, a, input_precision=PREC)
+                tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b, z * scale,
+                         mask=seg[:, None] & rmask[None, :])
         row = _next_row(rows, row)
     if MODE == 0:
         tl.store(OUT + tok[:, None] * so_n + rr[None, :] * so_b, acc_u * scale,
@@ -104,11 +126,53 @@ def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
 
 
 @triton.jit
-def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS,
-                   N, OH, RANK, K, HEADS, DIN, scale,
-                   su_n, su_k, su_r, sm_q, sm_s, sm_r, sm_o, si_r, si_q, si_k, sb_n, sb_o, sy_n, sy_o,
-                   sx_n, sx_k, sw_k, sw_o,
+def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
+                   N, DH, RANK, K, SKILLS, STEPS, scale,
+                   sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k,
+                   so_p, so_n, so_a, so_b, sv_n, sv_r,
+                   H: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = offs < N
+    tok = tl.load(ORDER + offs, mask=valid, other=0)
+    rows = tl.load(SROWS + offs, mask=valid, other=ROW_PAD)
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < RANK
+    # split-K: program (tile, p) walks steps [p·STEPS, (p+1)·STEPS) of the column blocks (of each
+    # head in MODE 2, of the (head, column block) walk otherwise) and writes partial p, summed in
+    # order by the consumer (no atomics)
+    part = tl.program_id(1)
+    lo = part * STEPS
+    if MODE == 2:
+        hi = tl.minimum(lo + STEPS, tl.cdiv(DH, BLOCK_D))
+        v = tl.load(V + tok[:, None] * sv_n + rr[None, :] * sv_r, mask=valid[:, None] & rmask[None, :], other=0.0)
+        _all_skills_dot(X, M, IDX, OUT + part.to(tl.int64) * so_p, tok, rows, valid, v, DH, RANK, K, SKILLS, scale,
+                        lo, hi, sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H, PREC,
+                        BLOCK_N, BLOCK_D, BLOCK_R, BLOCK_M)
+    else:
+        hi = tl.minimum(lo + STEPS, H * tl.cdiv(DH, BLOCK_D))
+        _segment_shrink(X, M, IDX, WGT, OUT + part.to(tl.int64) * so_p, tok, rows, valid, rr, rmask, DH, K, scale,
+                        lo, hi, sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, MODE, PREC,
+                        BLOCK_N, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def _sum_parts(ptrs, mask, SPLITS, su_p, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # the split-K shrink's partials of one (tokens x rank) tile, summed in split order
+    u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for p in range(SPLITS):
+        u += tl.load(ptrs + p * su_p, mask=mask, other=0.0)
+    return u
+
+
+@triton.jit
+def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
+                   N, OH, RANK, K, HEADS, DIN, SPLITS, scale,
+                   su_p, su_n, su_k, su_r, sm_q, sm_s, sm_r, sm_o, si_r, si_q, si_k, sb_n, sb_o, sy_n, sy_o,
+                   sx_n, sx_k, sw_k, sw_o, st_n, st_k,
                    MIX: tl.constexpr, HAS_BASE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   STORE_U: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     # one program per (token tile, head, column block), column blocks fastest: the programs that
@@ -138,7 +202,11 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS,
                 b = tl.load(M + q * sm_q + s * sm_s + rr[:, None] * sm_r + oo[None, :] * sm_o,
                             mask=rmask[:, None] & omask[None, :], other=0.0)
                 mixed += wj * b.to(tl.float32)
-            u = tl.load(U + tok[:, None] * su_n + rr[None, :] * su_r, mask=seg[:, None] & rmask[None, :], other=0.0)
+            u = _sum_parts(U + tok[:, None] * su_n + rr[None, :] * su_r, seg[:, None] & rmask[None, :], SPLITS, su_p,
+                           BLOCK_N, BLOCK_R)
+            if STORE_U:
+                if (q == 0) & (pid_o == 0):  # one program per token tile keeps the summed u for backward
+                    tl.store(UOUT + tok[:, None] * st_n + rr[None, :], u, mask=seg[:, None] & rmask[None, :])
             acc += tl.dot(u.to(M.dtype.element_ty), mixed.to(M.dtype.element_ty), input_precision=PREC)
         else:
             for j in range(K):
@@ -146,8 +214,12 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS,
                 wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
                 b = tl.load(M + q * sm_q + s * sm_s + rr[:, None] * sm_r + oo[None, :] * sm_o,
                             mask=rmask[:, None] & omask[None, :], other=0.0)
-                z = tl.load(U + tok[:, None] * su_n + j * su_k + rr[None, :] * su_r,
-                            mask=seg[:, None] & rmask[None, :], other=0.0)
+                z = _sum_parts(U + tok[:, None] * su_n + j * su_k + rr[None, :] * su_r, seg[:, None] & rmask[None, :],
+                               SPLITS, su_p, BLOCK_N, BLOCK_R)
+                if STORE_U:
+                    if (q == 0) & (pid_o == 0):
+                        tl.store(UOUT + tok[:, None] * st_n + j * st_k + rr[None, :], z,
+                                 mask=seg[:, None] & rmask[None, :])
                 acc += tl.dot((z * wj).to(b.dtype), b, input_precision=PREC)
         row = _next_row(rows, row)
     acc = acc * scale
@@ -172,49 +244,62 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS,
 
 @triton.jit
 def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
-                        N, WIDTH, RANK, K, SKILLS, scale,
-                        sw_n, sw_w, sv_n, sv_k, sv_r, si_r, si_q, si_k, so_q, so_s, so_w, so_r,
-                        SHARED_V: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+                        N, WIDTH, RANK, K, SKILLS, CHUNK, scale,
+                        sw_n, sw_w, sv_n, sv_k, sv_r, si_r, si_q, si_k, so_p, so_q, so_s, so_w, so_r,
+                        SHARED_V: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    # program (head, skill block, column block; token chunk): the gradients of BLOCK_M skills at once,
+    # acc[w, (s, k)] = Σ_n wide[n, w] · coef[n, s] · v[n, k], so the chunk of `wide` is read once for
+    # all of them (not once per skill)
     pid = tl.program_id(0)
-    q = pid // SKILLS
-    s = pid % SKILLS
-    ww = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_blocks = tl.cdiv(WIDTH, BLOCK_W)
+    skill_blocks = tl.cdiv(SKILLS, BLOCK_M)
+    q = pid // (skill_blocks * col_blocks)
+    s0 = ((pid // col_blocks) % skill_blocks) * BLOCK_M
+    ww = (pid % col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W)
     wmask = ww < WIDTH
+    part = tl.program_id(1)
+    n_end = tl.minimum(N, (part + 1) * CHUNK)
+    ms = s0 + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < RANK
-    acc = tl.zeros((BLOCK_W, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    acc = tl.zeros((BLOCK_W, BLOCK_M * BLOCK_R), dtype=tl.float32)
+    for n0 in range(part * CHUNK, n_end, BLOCK_N):
         nn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # token * stride can pass 2**31
-        nmask = nn < N
+        nmask = nn < n_end
         rows = tl.load(RIDS + nn, mask=nmask, other=0)
         wide = tl.load(WIDE + nn[:, None] * sw_n + (q * WIDTH + ww)[None, :] * sw_w,
                        mask=nmask[:, None] & wmask[None, :], other=0.0)
-        rank = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         if SHARED_V:
-            coef = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            coef = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for j in range(K):
                 sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
                 wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
-                coef += tl.where(sj == s, wj, 0.0)
+                coef += tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0)
             v = tl.load(VR + nn[:, None] * sv_n + rr[None, :] * sv_r, mask=nmask[:, None] & rmask[None, :], other=0.0)
-            rank = coef[:, None] * v
+            rank = coef[:, :, None] * v[:, None, :]
         else:
+            rank = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_R), dtype=tl.float32)
             for j in range(K):
                 sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
                 wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
                 v = tl.load(VR + nn[:, None] * sv_n + j * sv_k + rr[None, :] * sv_r,
                             mask=nmask[:, None] & rmask[None, :], other=0.0)
-                rank += tl.where(sj == s, wj, 0.0)[:, None] * v
-        acc += tl.dot(tl.trans(wide), rank.to(wide.dtype), input_precision=PREC)
-    acc = acc * scale
-    tl.store(OUT + q * so_q + s * so_s + ww[:, None] * so_w + rr[None, :] * so_r, acc.to(OUT.dtype.element_ty),
-             mask=wmask[:, None] & rmask[None, :])
+                rank += tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0)[:, :, None] * v[:, None, :]
+        acc += tl.dot(tl.trans(wide), tl.reshape(rank, (BLOCK_N, BLOCK_M * BLOCK_R)).to(wide.dtype),
+                      input_precision=PREC)
+    ff = tl.arange(0, BLOCK_M * BLOCK_R)
+    fs = s0 + ff // BLOCK_R
+    fk = ff % BLOCK_R
+    tl.store(OUT + part * so_p + q * so_q + fs[None, :] * so_s + ww[:, None] * so_w + fk[None, :] * so_r,
+             (acc * scale).to(OUT.dtype.element_ty),
+             mask=wmask[:, None] & ((fs < SKILLS) & (fk < RANK))[None, :])
 
 
 @triton.jit
-def _segment_sum_kernel(P, ORDER, OFFS, OUT, COLS, sp_n, so_r,
+def _segment_sum_kernel(P, Q, ORDER, OFFS, OUT, COLS, P_PARTS, Q_PARTS, sp_p, sp_n, sq_p, sq_n, so_r,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # per routing row: Σ over its tokens of every partial of P then of Q (fixed order, deterministic)
     row = tl.program_id(0)
     start = tl.load(OFFS + row)
     end = tl.load(OFFS + row + 1)
@@ -225,8 +310,11 @@ def _segment_sum_kernel(P, ORDER, OFFS, OUT, COLS, sp_n, so_r,
         tt = t0 + tl.arange(0, BLOCK_T)
         tmask = tt < end
         tok = tl.load(ORDER + tt, mask=tmask, other=0)
-        p = tl.load(P + tok[:, None] * sp_n + cc[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.sum(p, axis=0)
+        m2 = tmask[:, None] & cmask[None, :]
+        for p in range(P_PARTS):
+            acc += tl.sum(tl.load(P + p * sp_p + tok[:, None] * sp_n + cc[None, :], mask=m2, other=0.0), axis=0)
+        for p in range(Q_PARTS):
+            acc += tl.sum(tl.load(Q + p * sq_p + tok[:, None] * sq_n + cc[None, :], mask=m2, other=0.0), axis=0)
     tl.store(OUT + row * so_r + cc, acc, mask=cmask)
 
 

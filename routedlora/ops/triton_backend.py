@@ -228,28 +228,57 @@ def _blocks_of(width: int, block: int) -> List[int]:
     return [min(block, width - w0) for w0 in range(0, width, block)]
 
 
+_MAX_SPLITS = 32  # partials the expand sums per tile: beyond this the sum costs more than the fill gains
+
+
+def _split_k(N: int, h: int, dh: int, b: dict) -> Tuple[int, int]:
+    """``(splits, steps per split)`` of the shrink's (head, column block) walk: a grid of too few
+    token tiles to fill the GPU is split along ``d`` (narrower column blocks first, down to 64: the
+    bf16 variant at 32 spills registers on sm_90)."""
+    tiles = triton_cdiv(N, b["BLOCK_N"])
+    while tiles * h * triton_cdiv(dh, b["BLOCK_D"]) < _FILL_PROGRAMS and b["BLOCK_D"] > 64:
+        b["BLOCK_D"] //= 2
+    total = h * triton_cdiv(dh, b["BLOCK_D"])
+    steps = triton_cdiv(total, min(total, _MAX_SPLITS, triton_cdiv(_FILL_PROGRAMS, tiles)))
+    return triton_cdiv(total, steps), steps
+
+
 def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None, scale=1.0):
     """MODE 0 -> out (N, r); 1 -> out (N, K, r); 2 -> out (N, h, K). ``M`` viewed as (h, m, dh, r).
-    Modes 0 and 1 store ``scale`` times the product."""
+    Stores ``scale`` times the product and returns its split-K partials ``(S, *out.shape)`` (``out``
+    itself as ``S = 1`` when the grid fills the GPU unsplit): :func:`_expand` or
+    :func:`_segment_sum` sums them, or :func:`_summed`."""
     N = X.shape[0]
     h, m, dh, r = M.shape
     if N == 0:
-        return out
+        return out.unsqueeze(0)
     b = _blocks(N, dh, r, _tiles(N, _interpret()), X.device)
-    so = out.stride()
+    b["BLOCK_M"] = _skill_block(m, r, b) if mode == 2 else 1
+    splits, steps = _split_k(N, h if mode != 2 else 1, dh, b)  # MODE 2 splits each head's columns
+    parts = out.unsqueeze(0) if splits == 1 else torch.empty((splits,) + tuple(out.shape), dtype=out.dtype,
+                                                              device=out.device)
+    so = parts.stride()[1:]
     if mode == 0:
         so = (so[0], 0, so[1])
+    so_p = parts.stride(0)
     v_ = v if v is not None else out
     sv = (v.stride(0), v.stride(1)) if v is not None else (0, 0)
-    grid = (triton_cdiv(N, b["BLOCK_N"]),)
+    grid = (triton_cdiv(N, b["BLOCK_N"]), splits)
     if _recorder is not None:
-        _record(shrink_traffic, X, M, idx, w, srows, mode, K, out, v, b, grid)
-        return out
+        _record(shrink_traffic, X, M, idx, w, srows, mode, K, parts, v, b, grid)
+        return parts
     _k()._shrink_kernel[grid](
-        X, M, idx, w, order, srows, out, v_, N, dh, r, K, float(scale),
-        X.stride(0), X.stride(1), *M.stride(), *idx.stride(), *so, *sv,
+        X, M, idx, w, order, srows, parts, v_, N, dh, r, K, m, steps, float(scale),
+        X.stride(0), X.stride(1), *M.stride(), *idx.stride(), so_p, *so, *sv,
         H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"],
-        num_warps=b["num_warps"], num_stages=b["num_stages"])
+        BLOCK_M=b["BLOCK_M"], num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return parts
+
+
+def _summed(parts: Tensor, out: Tensor) -> Tensor:
+    """The shrink's result from its partials, where no expand summed them into ``out``."""
+    if parts.shape[0] > 1:
+        torch.sum(parts, 0, out=out)
     return out
 
 
@@ -258,73 +287,105 @@ def shrink_traffic(X, M, idx, w, srows, mode, K, out, v, b, grid) -> Traffic:
     h, m, dh, r = M.shape
     BN, BD, BR = b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_R"]
     ex, em, ew = X.element_size(), M.element_size(), w.element_size()
+    if mode == 2:
+        return _all_skills_traffic(X, M, idx, srows, K, b, grid)
+    S = grid[1]  # split-K partials: each program walks all of its tile's segments over its steps
     req = dict.fromkeys(("X", "M", "IDX", "WGT", "ORDER", "SROWS", "OUT", "V"), 0)
     flops, dblocks = 0, _blocks_of(dh, BD)
     for segs in _tile_runs(srows, N, BN):
         nv = sum(segs)
-        req["ORDER"] += 8 * nv
-        req["SROWS"] += 8 * nv
-        if mode == 2:
-            req["V"] += 4 * nv * r
+        req["ORDER"] += 8 * nv * S
+        req["SROWS"] += 8 * nv * S
         for n in segs:
-            # mode 0 reads the segment's x once per head and mixes the K skills' rows of M; modes 1
-            # and 2 read x again for every slot
+            # mode 0 reads the segment's x once per head and mixes the K skills' rows of M; mode 1
+            # reads it again for every slot
             req["X"] += h * (1 if mode == 0 else K) * n * dh * ex
             req["M"] += h * K * dh * r * em
-            req["IDX"] += 8 * h * K * (len(dblocks) if mode == 0 else 1)
+            req["IDX"] += 8 * K * (h * len(dblocks) if mode == 0 else S)
             if mode == 0:
                 req["WGT"] += ew * h * K * len(dblocks)
             flops += 2 * BN * BD * BR * h * len(dblocks) * (1 if mode == 0 else K)
             if mode == 1:
-                req["OUT"] += 4 * n * K * r
-            elif mode == 2:
-                req["OUT"] += 4 * n * h * K
+                req["OUT"] += 4 * n * K * r * S
         if mode == 0:
-            req["OUT"] += 4 * nv * r
+            req["OUT"] += 4 * nv * r * S
     present = torch.unique(srows[:N])
     dist = {"X": N * h * dh * ex, "M": _skills_used(idx, present) * dh * r * em,
             "IDX": 8 * present.numel() * h * K, "WGT": ew * present.numel() * h * K if mode == 0 else 0,
-            "ORDER": 8 * N, "SROWS": 8 * N, "OUT": 4 * N * (r, K * r, h * K)[mode], "V": 4 * N * r if mode == 2 else 0}
-    variant = dict(H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=BN, BLOCK_D=BD, BLOCK_R=BR, dtype=str(X.dtype),
-                   num_warps=b["num_warps"], num_stages=b["num_stages"])
+            "ORDER": 8 * N, "SROWS": 8 * N, "OUT": 4 * N * (r, K * r)[mode] * S, "V": 0}
+    variant = dict(H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=BN, BLOCK_D=BD, BLOCK_R=BR, BLOCK_M=1,
+                   dtype=str(X.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
     return Traffic("_shrink_kernel", grid, req, dist, flops, variant)
 
 
-def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None):
-    """``y = base + scale * expand(U)``; ``M`` viewed as (h, m, r, oh).
+def _all_skills_traffic(X, M, idx, srows, K, b, grid) -> Traffic:
+    """MODE 2: per tile, head and split, x once per skill block against every skill's columns; no
+    segments; every split writes its partial."""
+    N = X.shape[0]
+    h, m, dh, r = M.shape
+    BN, BD, BR, BM = b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_R"], b["BLOCK_M"]
+    ex, em = X.element_size(), M.element_size()
+    tiles, S = grid
+    sblocks = triton_cdiv(m, BM)
+    req = {"X": h * sblocks * N * dh * ex, "M": tiles * h * m * dh * r * em, "IDX": 8 * h * sblocks * K * N * S,
+           "ORDER": 8 * N * S, "SROWS": 8 * N * S, "V": 4 * N * r * S, "OUT": 4 * N * h * K * S}
+    flops = 2 * BN * BD * BM * BR * tiles * h * sblocks * triton_cdiv(dh, BD)
+    present = torch.unique(srows[:N])
+    dist = {"X": N * h * dh * ex, "M": h * m * dh * r * em, "IDX": 8 * present.numel() * h * K, "ORDER": 8 * N,
+            "SROWS": 8 * N, "V": 4 * N * r, "OUT": 4 * N * h * K * S}
+    variant = dict(H=h, MODE=2, PREC=_prec(X.dtype), BLOCK_N=BN, BLOCK_D=BD, BLOCK_R=BR, BLOCK_M=BM,
+                   dtype=str(X.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
+    return Traffic("_shrink_kernel", grid, req, dist, flops, variant)
+
+
+def _expand_grid(N: int, h: int, oh: int, b: dict) -> tuple:
+    """Programs (token tile, head, column block); column blocks narrow (down to 16) until the grid
+    fills the GPU, so a decode-sized batch still streams the base weight from every SM."""
+    tiles = triton_cdiv(N, b["BLOCK_N"])
+    while tiles * h * triton_cdiv(oh, b["BLOCK_O"]) < _FILL_PROGRAMS and b["BLOCK_O"] > 16:
+        b["BLOCK_O"] //= 2
+    return (tiles * h * triton_cdiv(oh, b["BLOCK_O"]),)
+
+
+def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None, u_out=None):
+    """``y = base + scale * expand(ΣU)``; ``U``: the shrink's partials ``(S, N, r)`` or ``(S, N, K, r)``,
+    summed in split order; ``M`` viewed as (h, m, r, oh).
 
     ``linear = (X, WT, bias)``: instead of a base tensor, the base linear computed in the same
     tiles, ``y = X WT + bias + scale * expand(U)`` with ``WT[k, col]`` (any strides): the delta
-    never goes to memory and the output is written once."""
-    N = U.shape[0]
+    never goes to memory and the output is written once. ``u_out``: where the summed ``U`` is kept
+    (written by one program per token tile)."""
+    N = U.shape[1]
     h, m, r, oh = M.shape
     if N == 0:
         return y
     b = _blocks(N, oh, r, _tiles(N, _interpret()), U.device)
-    su = (U.stride(0), 0, U.stride(1)) if mix else U.stride()
+    grid = _expand_grid(N, h, oh, b)
+    su = (U.stride(1), 0, U.stride(2)) if mix else U.stride()[1:]
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
-    grid = (triton_cdiv(N, b["BLOCK_N"]) * h * triton_cdiv(oh, b["BLOCK_O"]),)
+    st = (u_out.stride(0), u_out.stride(1) if u_out.dim() == 3 else 0) if u_out is not None else (0, 0)
     if _recorder is not None:
-        _record(expand_traffic, U, M, idx, w, srows, K, mix, y, base, linear, b, grid)
+        _record(expand_traffic, U, M, idx, w, srows, K, mix, y, base, linear, b, grid, u_out)
         return y
     X, WT, bias = linear if linear is not None else (y, y, None)
     _k()._expand_kernel[grid](
         U, M, idx, w, order, srows, base if base is not None else y, y, X, WT, bias if bias is not None else y,
-        N, oh, r, K, h, X.shape[1] if linear is not None else 0, float(scale),
-        *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
-        *((X.stride(0), X.stride(1), WT.stride(0), WT.stride(1)) if linear is not None else (0, 0, 0, 0)),
+        u_out if u_out is not None else y,
+        N, oh, r, K, h, X.shape[1] if linear is not None else 0, U.shape[0], float(scale),
+        U.stride(0), *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
+        *((X.stride(0), X.stride(1), WT.stride(0), WT.stride(1)) if linear is not None else (0, 0, 0, 0)), *st,
         MIX=mix, HAS_BASE=base is not None, LINEAR=linear is not None, HAS_BIAS=bias is not None,
-        PREC=_prec(M.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"], BLOCK_R=b["BLOCK_R"],
-        BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"], num_stages=b["num_stages"])
+        STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"],
+        BLOCK_R=b["BLOCK_R"], BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"], num_stages=b["num_stages"])
     return y
 
 
-def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid) -> Traffic:
-    N = U.shape[0]
+def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid, u_out=None) -> Traffic:
+    S, N = U.shape[:2]
     h, m, r, oh = M.shape
     BN, BO, BR, BK = b["BLOCK_N"], b["BLOCK_O"], b["BLOCK_R"], b["BLOCK_K"]
-    eu, em, ew, ey = U.element_size(), M.element_size(), w.element_size(), y.element_size()
-    req = dict.fromkeys(("U", "M", "IDX", "WGT", "ORDER", "SROWS", "BASE", "Y", "X", "WT", "BIAS"), 0)
+    eu, em, ew, ey = U.element_size() * S, M.element_size(), w.element_size(), y.element_size()  # every partial
+    req = dict.fromkeys(("U", "M", "IDX", "WGT", "ORDER", "SROWS", "BASE", "Y", "X", "WT", "BIAS", "UOUT"), 0)
     flops, oblocks = 0, _blocks_of(oh, BO)
     X, WT, bias = linear if linear is not None else (None, None, None)
     din = X.shape[1] if X is not None else 0
@@ -354,9 +415,11 @@ def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid) -> Tra
             "SROWS": 8 * N, "BASE": N * h * oh * base.element_size() if base is not None else 0, "Y": N * h * oh * ey,
             "X": N * din * X.element_size() if X is not None else 0,
             "WT": din * h * oh * WT.element_size() if X is not None else 0,
-            "BIAS": h * oh * bias.element_size() if bias is not None else 0}
+            "BIAS": h * oh * bias.element_size() if bias is not None else 0,
+            "UOUT": N * r * 4 * (1 if mix else K) if u_out is not None else 0}
+    req["UOUT"] = dist["UOUT"]  # one program per token tile writes each token's summed rank vectors
     variant = dict(MIX=mix, HAS_BASE=base is not None, LINEAR=X is not None, HAS_BIAS=bias is not None,
-                   PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK, dtype=str(M.dtype),
+                   STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK, dtype=str(M.dtype),
                    num_warps=b["num_warps"], num_stages=b["num_stages"])
     # a token tile's x rows are read by its h * o-blocks programs, consecutive in the grid
     # (column blocks fastest)
@@ -507,8 +570,27 @@ def mix_grads_traffic(G, Hh, A, B, idx, w, dA, dB, dwp, slots, na, nb, t, grid) 
     return Traffic("_mix_grads_kernel", grid, req, dist, 0, variant)
 
 
+_SKILL_COLUMNS = 512  # most skill x rank columns one program keeps: its float32 accumulator's width
+_FILL_PROGRAMS = 132  # one program per SM of an H100: a smaller grid is split (tokens, or d) to fill it
+
+
+def _skill_block(m: int, r: int, b: dict) -> int:
+    """How many skills one program takes side by side (a power of two; all of them when m·r is small)."""
+    return max(1, min(_pow2(m, 1), b.get("SKILL_COLUMNS", _SKILL_COLUMNS) // _pow2(r)))
+
+
+def _token_chunks(N: int, programs: int, b: dict) -> Tuple[int, int]:
+    """``(chunks, tokens per chunk)``: a grid of ``programs`` that streams all ``N`` tokens is split
+    along the tokens until it fills the GPU, each chunk at least ``SPLIT_TILES`` token tiles long."""
+    BN = b["BLOCK_N"]
+    chunks = max(1, min(triton_cdiv(N, BN * b.get("SPLIT_TILES", 4)), triton_cdiv(_FILL_PROGRAMS, programs)))
+    chunk = triton_cdiv(triton_cdiv(N, chunks), BN) * BN
+    return triton_cdiv(N, chunk), chunk
+
+
 def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transposed):
-    """out[q, s] = scale * Σ_n wide_q[n]ᵀ ⊗ coef·V[n]; ``transposed``: out is (h, m, r, width)."""
+    """out[q, s] = scale * Σ_n wide_q[n]ᵀ ⊗ coef·V[n]; ``transposed``: out is (h, m, r, width).
+    Token chunks write float32 partials, summed in chunk order (deterministic, no atomics)."""
     N = wide.shape[0]
     h, m = out.shape[:2]
     r = V.shape[-1]
@@ -516,65 +598,80 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
     if N == 0:
         return out.zero_()
     b = _blocks(N, width, r, _tiles(N, _interpret()), wide.device)
-    so_q, so_s = out.stride(0), out.stride(1)
-    so_w, so_r = (out.stride(3), out.stride(2)) if transposed else (out.stride(2), out.stride(3))
+    b["BLOCK_M"] = _skill_block(m, r, b)
+    programs = h * triton_cdiv(m, b["BLOCK_M"]) * triton_cdiv(width, b["BLOCK_W"])
+    chunks, chunk = _token_chunks(N, programs, b)
+    dst = out if chunks == 1 else torch.empty((chunks,) + tuple(out.shape), dtype=torch.float32, device=out.device)
+    so_p = dst.stride(0) if chunks > 1 else 0
+    so = dst.stride()[-4:]
+    so_w, so_r = (so[3], so[2]) if transposed else (so[2], so[3])
     sv = (V.stride(0), 0, V.stride(1)) if shared_v else V.stride()
-    grid = (h * m, triton_cdiv(width, b["BLOCK_W"]))
+    grid = (programs, chunks)
     if _recorder is not None:
-        _record(weight_grad_traffic, wide, V, idx, w, route_ids, out, width, shared_v, b, grid)
-        return out
-    _k()._weight_grad_kernel[grid](
-        wide, V, idx, w, route_ids, out, N, width, r, K, m, float(scale),
-        wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_q, so_s, so_w, so_r,
-        SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"],
-        BLOCK_R=b["BLOCK_R"], num_warps=b["num_warps"], num_stages=b["num_stages"])
+        _record(weight_grad_traffic, wide, V, idx, w, route_ids, dst, width, shared_v, b, grid, chunk)
+    else:
+        _k()._weight_grad_kernel[grid](
+            wide, V, idx, w, route_ids, dst, N, width, r, K, m, chunk, float(scale),
+            wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_p, so[0], so[1], so_w, so_r,
+            SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"],
+            BLOCK_R=b["BLOCK_R"], BLOCK_M=b["BLOCK_M"], num_warps=b["num_warps"], num_stages=b["num_stages"])
+    if chunks > 1:
+        out.copy_(dst.sum(0))
     return out
 
 
-def weight_grad_traffic(wide, V, idx, w, route_ids, out, width, shared_v, b, grid) -> Traffic:
+def weight_grad_traffic(wide, V, idx, w, route_ids, out, width, shared_v, b, grid, chunk) -> Traffic:
+    """``out``: what the kernel writes (``(chunks, h, m, ...)`` float32 partials when split)."""
     N = wide.shape[0]
-    h, m = out.shape[:2]
+    h, m = out.shape[-4:-2]
     r = V.shape[-1]
     K = idx.shape[-1]
-    BN, BW, BR = b["BLOCK_N"], b["BLOCK_W"], b["BLOCK_R"]
-    programs, wblocks = h * m, _blocks_of(width, BW)
-    nblocks = [min(BN, N - n0) for n0 in range(0, N, BN)]
-    ew = wide.element_size()
+    BN, BW, BR, BM = b["BLOCK_N"], b["BLOCK_W"], b["BLOCK_R"], b["BLOCK_M"]
+    programs, chunks = grid
+    cblocks = triton_cdiv(width, BW)
+    sblocks = programs // (h * cblocks)
+    ew, eo = wide.element_size(), out.element_size()
     vk = 1 if shared_v else K  # rank vectors read per token: one shared, or one per slot
-    req = {"WIDE": programs * N * width * ew, "VR": programs * len(wblocks) * N * r * 4 * vk,
-           "IDX": programs * len(wblocks) * N * K * 8, "WGT": programs * len(wblocks) * N * K * w.element_size(),
-           "RIDS": programs * len(wblocks) * N * 8, "OUT": programs * width * r * out.element_size()}
-    flops = 2 * BW * BN * BR * programs * len(wblocks) * len(nblocks)
+    tiles = sum(triton_cdiv(min(N, c0 + chunk) - c0, BN) for c0 in range(0, N, chunk))
+    req = {"WIDE": h * sblocks * N * width * ew, "VR": programs * N * r * 4 * vk, "IDX": programs * N * K * 8,
+           "WGT": programs * N * K * w.element_size(), "RIDS": programs * N * 8, "OUT": chunks * h * m * width * r * eo}
+    flops = 2 * BW * BN * BM * BR * programs * tiles
     present = torch.unique(route_ids)
     dist = {"WIDE": N * h * width * ew, "VR": N * r * 4 * vk, "IDX": 8 * present.numel() * h * K,
-            "WGT": w.element_size() * present.numel() * h * K, "RIDS": 8 * N,
-            "OUT": programs * width * r * out.element_size()}
-    variant = dict(SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=BN, BLOCK_W=BW, BLOCK_R=BR,
+            "WGT": w.element_size() * present.numel() * h * K, "RIDS": 8 * N, "OUT": chunks * h * m * width * r * eo}
+    variant = dict(SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=BN, BLOCK_W=BW, BLOCK_R=BR, BLOCK_M=BM,
                    dtype=str(wide.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
     return Traffic("_weight_grad_kernel", grid, req, dist, flops, variant)
 
 
-def _segment_sum(P, order, offs, R):
-    """Per-row sums of per-token rows of ``P (N, C)`` -> ``(R, C)`` float32, deterministic."""
-    C = P.shape[1]
-    if R == 0 or P.shape[0] == 0:
+def _segment_sum(P, order, offs, R, Q=None):
+    """Per-row sums of per-token rows of ``P`` (and ``Q``), each ``(N, C)`` or split-K partials
+    ``(S, N, C)`` -> ``(R, C)`` float32, deterministic."""
+    P = P if P.dim() == 3 else P.unsqueeze(0)
+    Q = Q if Q is None or Q.dim() == 3 else Q.unsqueeze(0)
+    C = P.shape[-1]
+    if R == 0 or P.shape[1] == 0:
         return torch.zeros(R, C, dtype=torch.float32, device=P.device)
     out = torch.empty(R, C, dtype=torch.float32, device=P.device)  # every row's program writes it
-    BT = 16 if _tiles(P.shape[0], _interpret()) else 64
+    BT = 16 if _tiles(P.shape[1], _interpret()) else 64
     if _recorder is not None:
-        _record(segment_sum_traffic, P, offs, R, BT)
+        _record(segment_sum_traffic, P, offs, R, BT, Q)
         return out
-    _k()._segment_sum_kernel[(R,)](P, order, offs, out, C, P.stride(0), out.stride(0),
+    _k()._segment_sum_kernel[(R,)](P, Q if Q is not None else P, order, offs, out, C, P.shape[0],
+                                   Q.shape[0] if Q is not None else 0, P.stride(0), P.stride(1),
+                                   *((Q.stride(0), Q.stride(1)) if Q is not None else (0, 0)), out.stride(0),
                                    BLOCK_T=BT, BLOCK_C=_pow2(C, 2))
     return out
 
 
-def segment_sum_traffic(P, offs, R, BT) -> Traffic:
-    C = P.shape[1]
+def segment_sum_traffic(P, offs, R, BT, Q=None) -> Traffic:
+    """``P``, ``Q``: ``(S, N, C)`` partials (``Q`` optional)."""
+    C = P.shape[-1]
     counts = (offs[1:R + 1] - offs[:R]).tolist()
     n = sum(counts)
-    req = {"P": 4 * n * C, "ORDER": 8 * n, "OFFS": 16 * R, "OUT": 4 * R * C}
-    dist = {"P": 4 * n * C, "ORDER": 8 * n, "OFFS": 8 * (R + 1), "OUT": 4 * R * C}
+    req = {"P": 4 * n * C * P.shape[0], "Q": 4 * n * C * (Q.shape[0] if Q is not None else 0), "ORDER": 8 * n,
+           "OFFS": 16 * R, "OUT": 4 * R * C}
+    dist = {"P": 4 * n * C * P.shape[0], "Q": req["Q"], "ORDER": 8 * n, "OFFS": 8 * (R + 1), "OUT": 4 * R * C}
     variant = dict(BLOCK_T=BT, BLOCK_C=_pow2(C, 2), dtype=str(P.dtype), num_warps=4, num_stages=3)
     return Traffic("_segment_sum_kernel", (R,), req, dist, 0, variant)
 
@@ -597,10 +694,11 @@ def forward_impl(x, A, B, idx, w, route_ids, base, weight, bias, scale: float, c
     params = combine == "params"
     idx_c, w_c = idx.contiguous(), w.contiguous()
     y = torch.empty(N, h * B.shape[-1], dtype=x.dtype, device=x.device)
-    saved = _shrink(x, A, idx_c, w_c, order, srows, 0 if params else 1, K,
-                    torch.empty((N, r) if params else (N, K, r), dtype=torch.float32, device=x.device))
+    saved = torch.empty((N, r) if params else (N, K, r), dtype=torch.float32, device=x.device)
+    parts = _shrink(x, A, idx_c, w_c, order, srows, 0 if params else 1, K, saved)
     linear = (x, weight.t(), bias) if weight is not None else None
-    _expand(saved, B, idx_c, w_c, order, srows, K, scale, params, y, base, linear)
+    _expand(parts, B, idx_c, w_c, order, srows, K, scale, params, y, base, linear,
+            u_out=saved if parts.shape[0] > 1 else None)
     return y, saved
 
 
@@ -636,8 +734,9 @@ def _grads_by_rows(grad, x, A, B, idx, w, saved, du, scale, params, meta, dA, dB
 
 
 def _grads_by_tokens(grad, x, A, B, idx, w, saved, du, scale, params, meta, dA, dB, need_w):
-    """Skills' and routing gradients token by token: one weight-gradient program per (head, skill)
-    and per-token routing gradients summed per row. For routing rows of few tokens."""
+    """Skills' and routing gradients token by token, every skill of a head in one product (``x`` and
+    the gradient read once per skill block), per-token routing gradients summed per row. For
+    routing rows of few tokens."""
     N = x.shape[0]
     h, m, dh, r = A.shape
     R, _, K = idx.shape
@@ -648,15 +747,14 @@ def _grads_by_tokens(grad, x, A, B, idx, w, saved, du, scale, params, meta, dA, 
         _weight_grad(grad, saved, idx, w, route_ids, dB, B.shape[-1], scale, params, True)
     if not need_w:
         return None
-    if params:
+    if params:  # per token ⟨x A_s, du⟩ + γ⟨u, g B_sᵀ⟩, as split-K partials summed with the rows
         Bt = B.transpose(2, 3)
         p_a = _shrink(x, A, idx, w, order, srows, 2, K, torch.empty(N, h, K, dtype=torch.float32, device=x.device),
                       v=du)
         p_b = _shrink(grad, Bt, idx, w, order, srows, 2, K,
                       torch.empty(N, h, K, dtype=torch.float32, device=x.device), v=saved, scale=scale)
-        per_token = p_a.add_(p_b).view(N, h * K)
-    else:
-        per_token = (du * saved).sum(-1)  # (N, K): <γ g B_jᵀ, x A_j>
+        return _segment_sum(p_a.view(-1, N, h * K), order, offs, R, p_b.view(-1, N, h * K)).view(R, h, K)
+    per_token = (du * saved).sum(-1)  # (N, K): <γ g B_jᵀ, x A_j>
     return _segment_sum(per_token, order, offs, R).view(R, h, K)
 
 
@@ -679,13 +777,17 @@ def backward_impl(grad, x, A, B, idx, w, saved, weight, scale: float, combine: s
     if need_x or need_A or (need_w and params):
         # γ g B̂ᵀ (params), or γ g B_jᵀ per slot (outputs): one pass over the gradient
         shape = (N, A.shape[3]) if params else (N, K, A.shape[3])
-        du = _shrink(grad, B.transpose(2, 3), idx_c, w_c, order, srows, 0 if params else 1, K,
-                     torch.empty(shape, dtype=torch.float32, device=x.device), scale=scale)
+        du = torch.empty(shape, dtype=torch.float32, device=x.device)
+        parts = _shrink(grad, B.transpose(2, 3), idx_c, w_c, order, srows, 0 if params else 1, K, du, scale=scale)
+        split, more = parts.shape[0] > 1, need_A or need_w  # more: du read beyond dx
     dx = dA = dB = dw = None
     if need_x:
         dx = torch.empty(N, d, dtype=x.dtype, device=x.device)
         linear = (grad, weight, None) if weight is not None else None
-        _expand(du, A.transpose(2, 3), idx_c, w_c, order, srows, K, 1.0, params, dx, None, linear)
+        _expand(parts, A.transpose(2, 3), idx_c, w_c, order, srows, K, 1.0, params, dx, None, linear,
+                u_out=du if split and more else None)
+    elif du is not None:
+        _summed(parts, du)
     if need_A:
         dA = torch.empty_like(A)
     if need_B:
@@ -718,13 +820,27 @@ def backward_fake(grad, x, A, B, idx, w, route_ids, order, srows, offs, saved, w
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def backward_algorithm(N: int, R: int, d: int, o: int, rank: int, elem: int, h: int, m: int, K: int) -> str:
-    """``"rows"`` or ``"tokens"``: which way costs fewer bytes beyond the shared part of the backward
-    (the gradient's shrink and dx). Per-row reductions read ``x`` and the gradient once more and
-    write and re-read ``R·rank·(d+o)`` float32 numbers (``rank = r'``); the per-token kernels read
-    both once per (head, skill) for the skills' gradients and once per slot for the routing's."""
-    by_rows = N * (d + o) * elem + 2 * R * rank * (d + o) * 4
-    by_tokens = (m + K) * N * (d + o) * elem
+_FLOPS_PER_BYTE = 295  # an H100's bf16 tensor-core peak over its HBM bandwidth (989e12 / 3.35e12)
+
+
+def backward_algorithm(N: int, R: int, d: int, o: int, r: int, m: int, K: int, elem: int, params: bool) -> str:
+    """``"rows"`` or ``"tokens"``: which way of computing the skills' and routing gradients costs less
+    beyond the shared part of the backward (the gradient's shrink and dx), each priced as
+    ``max(bytes, flops / _FLOPS_PER_BYTE)``.
+
+    By rows: one more pass over ``x`` and the gradient, and ``R·rank·(d+o)`` float32 reductions
+    written and read back (``rank = r``, or ``K·r`` for outputs combine). By tokens: ``x`` and the
+    gradient once per skill block for the skills' gradients, and once more for the routing
+    gradients of params combine, at ``m·r`` MMA columns (every skill of a head at once)."""
+    rank = r if params else K * r
+    sides = N * (d + o)
+    rows_bytes = sides * elem + 2 * R * rank * (d + o) * 4
+    rows_flops = 2 * sides * rank + 2 * R * (d + o) * rank * m
+    passes = (2 if params else 1) * triton_cdiv(m, _skill_block(m, r, {}))
+    tokens_bytes = passes * sides * elem
+    tokens_flops = 2 * sides * m * r * (2 if params else 1)
+    by_rows = max(rows_bytes, rows_flops / _FLOPS_PER_BYTE)
+    by_tokens = max(tokens_bytes, tokens_flops / _FLOPS_PER_BYTE)
     return "rows" if by_rows <= by_tokens else "tokens"
 
 
@@ -760,9 +876,8 @@ def plan(x, A, B, idx, rows, combine, backward=True):
     """The fused kernels walk the tokens grouped by routing row; the gradients go by rows or by tokens."""
     h, m, _, r = A.shape
     K = m if idx is None else idx.shape[2]
-    rank = r if combine == "params" else K * r
-    name = backward_algorithm(rows.n_tokens, rows.n_rows, x.shape[1], h * B.shape[-1], rank, x.element_size(), h,
-                              m, K)
+    name = backward_algorithm(rows.n_tokens, rows.n_rows, x.shape[1], h * B.shape[-1], r, m, K, x.element_size(),
+                              combine == "params")
     return ALGORITHMS[name]
 
 
