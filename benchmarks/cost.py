@@ -227,6 +227,15 @@ def _count_layer(name: str, inp: LayerInputs, peer, pass_: str, csrc=None) -> di
         if name.startswith("routedlora"):
             layer, per_batch = stack.enter_context(_routed_call(peer, inp, count))
             call = layer
+            if pass_ == "fwd" and inp.case.seq_len == 1:
+                # a decode step of a generate loop: the previous step built the batch and, at
+                # inference, each layer's routing weights, which every later step reuses (that
+                # step is counted too, kernels recorded not launched, and its counts dropped)
+                def previous_step():
+                    layer.eval()
+                    with torch.no_grad():
+                        layer(inp.x)
+                count(previous_step)
         else:
             call = peer
         row = _count_passes(module, call, inp, pass_, count)

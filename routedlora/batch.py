@@ -31,6 +31,10 @@ class BatchRows(NamedTuple):
     n_examples: int
     tokens: TokenRows
     task_rows: Dict[int, TokenRows]  # the rows grouped by task, per task count (see by_task)
+    # each layer's routing weights where they cannot change while the batch lives (inference: no
+    # noise, no gradient), so that the decode steps of a generate loop, which share one batch,
+    # route once: layer id -> (what they were computed from, (idx, w))
+    routed: Dict[int, tuple]
 
     def by_task(self, n_tasks: int) -> TokenRows:
         """The routing rows as the "tokens" of ``n_tasks`` task rows: their grouping by task is
@@ -82,12 +86,12 @@ def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1) -> BatchRows
     if ids.shape == lead[:1] or (not lead and ids.numel() == 1):
         rows_task = ids.reshape(-1)
         return BatchRows(rows_task, None, rows_task.shape[0], TokenRows.contiguous(rows_task.shape[0], max(S, 1), dev),
-                         {})
+                         {}, {})
     if ids.shape == lead:
         row_example = torch.arange(B, device=dev)
         if S != 1:
             row_example = row_example.repeat_interleave(S)
-        return BatchRows(ids.reshape(-1), row_example, B, TokenRows.contiguous(N, 1, dev), {})
+        return BatchRows(ids.reshape(-1), row_example, B, TokenRows.contiguous(N, 1, dev), {}, {})
     raise ValueError(f"task_ids: expected a scalar, shape ({B},) (one per sequence) or {tuple(lead)} (one per "
                      f"token) for input of shape {(*lead, '...')}, got shape {tuple(ids.shape)}")
 

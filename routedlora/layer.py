@@ -269,6 +269,27 @@ class RoutedLoraLinear(nn.Module):
             return None, torch.softmax(logits / cfg.temperature, dim=-1)
         return tuple(topk_route(logits, k=cfg.top_k, temperature=cfg.temperature, renormalize=cfg.renormalize))
 
+    def _batch_route(self, batch: BatchRows) -> Tuple[Optional[Tensor], Tensor]:
+        """``(idx, w)`` of the batch's rows. Where they are a fixed function of the logits (no noise,
+        no gradient to the logits, not tracing) they are kept on the batch while the logits are
+        unchanged (same storage, same version: any in-place update invalidates), so a generate
+        loop's decode steps, which share one batch, launch no router after the first."""
+        cfg = self.config
+        logits = self.router_logits
+        noisy = self.training and cfg.gumbel and cfg.router in ("poly", "cpoly")
+        fixed = not noisy and not (torch.is_grad_enabled() and logits.requires_grad) \
+            and not torch.compiler.is_compiling()
+        if fixed:
+            stamp = (logits._version, logits.data_ptr(), self.training, cfg.router, cfg.temperature, cfg.top_k,
+                     cfg.renormalize, cfg.backend)
+            hit = batch.routed.get(id(self))
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        out = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks))
+        if fixed:
+            batch.routed[id(self)] = (stamp, out)
+        return out
+
     # --- forward -----------------------------------------------------------------
 
     def _check_input(self, x) -> None:
@@ -325,7 +346,7 @@ class RoutedLoraLinear(nn.Module):
                 bias: Optional[Tensor] = None) -> Tensor:
         """``base + γΔ`` (``x Wᵀ + b + γΔ`` with ``weight``; ``γΔ`` alone without either) for the flattened tokens."""
         # dense routers weight every skill in order: idx=None spares the op a scatter and a gather
-        idx, w = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks))
+        idx, w = self._batch_route(batch)
         # ids were checked once per batch and idx/w come from our own router: no per-call checks
         return routed_lora(self._lora_input(x), self.lora_A, self.lora_B, idx, w, batch.tokens,
                            scale=self.scale, combine=self.config.combine, base=base, weight=weight, bias=bias,

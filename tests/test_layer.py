@@ -234,3 +234,31 @@ def test_autocast_training_computes_in_bfloat16_with_float32_gradients(router, h
     assert y16.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g16)
     for a, b in zip((y16,) + g16, (y32,) + g32):
         assert (a.float() - b).abs().max() <= 5e-2 * b.abs().max()
+
+
+@pytest.mark.parametrize("router,h", [("poly", 2), ("topk", 1), ("cpoly", 2)])
+def test_inference_routes_once_per_batch_until_the_logits_change(router, h, monkeypatch):
+    # decode steps of a generate loop share one batch: at inference the routing weights are
+    # computed once and reused, and any in-place change to the logits is seen at the next step
+    layer = make_layer(router=router, h=h)
+    x = torch.randn(3, 1, 12)
+    tasks = torch.tensor([4, 0, 2])
+    calls = []
+    route = layer._route
+    monkeypatch.setattr(layer, "_route", lambda *a, **k: calls.append(1) or route(*a, **k))
+    with routedlora.routing(layer, tasks), torch.no_grad():
+        first = layer(x)
+        second = layer(x)
+        assert len(calls) == 1
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        layer.router_logits.mul_(-2.0)  # an optimizer step or a weight load: a new version
+        third = layer(x)
+        assert len(calls) == 2
+        torch.testing.assert_close(third, expected(layer, x, tasks), rtol=1e-5, atol=1e-6)
+    # with a gradient to the logits (or noise in training) nothing is kept
+    layer.train()
+    before = len(calls)
+    with routedlora.routing(layer, tasks):
+        layer(x).sum().backward()
+        layer(x).sum().backward()
+    assert len(calls) == before + 2 and layer.router_logits.grad is not None

@@ -178,17 +178,22 @@ def _tile_config(name):
     return triton_backend.tile_table()["classes"][name]  # the GPU's tile sizes, run in the interpreter
 
 
-@pytest.mark.parametrize("cls", ["decode", "medium", "train", "split"])
-@pytest.mark.parametrize("r", [1, 16, 64, 128])
+# the training and medium classes at every rank the kernels size for; the decode class (whose
+# small tiles the interpreter's own resemble) and split-everything tiles, slow in the
+# interpreter, at the ranks that change their code paths
+TILE_CASES = [(c, r) for c in ("medium", "train") for r in (1, 16, 64, 128)] + [("decode", 16), ("split", 1),
+                                                                                 ("split", 128)]
+
+
+@pytest.mark.parametrize("cls,r", TILE_CASES)
 @pytest.mark.parametrize("combine,h,kind", [("params", 2, "poly"), ("outputs", 1, "topk")])
 def test_tile_classes_and_ranks(cls, r, combine, h, kind):
     # the interpreter picks its own small tiles; here every class's GPU tiles run on a small shape
-    # (d and o not multiples of any block, tiles straddling rows) at every rank the kernels size for
-    if cls == "split" and r in (16, 64):
-        pytest.skip("small tiles are slow in the interpreter: the smallest and largest rank suffice")
+    # (d and o not multiples of any block, tiles straddling rows)
+    N = 40 if cls == "split" else 70
     with triton_backend.tile_override(_tile_config(cls)):
         for algo in ("rows", "tokens"):
-            compare(N=70, d=2 * 37, o=2 * 21, r=r, h=h, m=5, R=6, combine=combine, kind=kind, dtype=torch.float32,
+            compare(N=N, d=2 * 37, o=2 * 21, r=r, h=h, m=5, R=6, combine=combine, kind=kind, dtype=torch.float32,
                     base_kind="linear", algo=algo, seed=r)
 
 
@@ -357,3 +362,42 @@ def test_repeated_skills_in_a_row(combine):
     for name, ref, got in zip(["y", "dx", "dA", "dB", "dw"], outs["torch"], outs["triton"]):
         err = (got - ref).abs().max() / ref.abs().max()
         assert err <= TOL[torch.float32], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("algo", ["rows", "tokens"])
+@pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
+def test_out_of_range_ids_poison_only_their_tokens(combine, h, algo):
+    # validate=False hands the kernels ids nobody checked: they must never become addresses; the
+    # tokens they touch come out NaN (the cuda decode kernels' contract), every other token exact
+    g = torch.Generator().manual_seed(5)
+    N, d, o, r, m, R, K = 12, 8 * h, 6 * h, 3, 4, 4, 2
+    x = torch.randn(N, d, generator=g).to(DEVICE)
+    A = (torch.randn(h, m, d // h, r, generator=g) * 0.3).to(DEVICE)
+    B = (torch.randn(h, m, r, o // h, generator=g) * 0.3).to(DEVICE)
+    idx = torch.stack([torch.randperm(m, generator=g)[:K] for _ in range(R * h)]).view(R, h, K).to(DEVICE)
+    w = torch.rand(R, h, K, generator=g).to(DEVICE)
+    rid = (torch.arange(N) % R).to(DEVICE)
+    rid[3] = R + 5  # token 3: routing row out of range
+    rid[7] = -1  # token 7: negative row
+    idx[2, 0, 1] = m + 3  # row 2 (tokens 2, 6, 10): a skill out of range
+    bad = torch.zeros(N, dtype=torch.bool, device=DEVICE)
+    bad[[3, 7, 2, 6, 10]] = True
+    ok_rid, ok_idx = rid.clone(), idx.clone()
+    ok_rid[3], ok_rid[7], ok_idx[2, 0, 1] = 0, 0, (idx[2, 0, 0] + 1) % m
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with algorithm(algo):
+        y = routed_lora(xs[0], A, B, idx, w, rid, scale=0.5, combine=combine, backend="triton", validate=False)
+        y.sum().backward()
+    ref = routed_lora(xs[1], A, B, ok_idx, w, ok_rid, scale=0.5, combine=combine, backend="torch")
+    ref.sum().backward()
+    assert torch.isnan(y[bad]).all()
+    torch.testing.assert_close(y[~bad], ref[~bad], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(xs[0].grad[~bad], xs[1].grad[~bad], rtol=2e-5, atol=2e-5)
+
+
+def test_out_of_range_task_ids_give_nan_weights_in_the_router_kernel():
+    logits = torch.randn(3, 2, 4).to(DEVICE)
+    rows_task = torch.tensor([0, 5, 2, -1]).to(DEVICE)  # rows 1 and 3 name no task
+    for kind, kw in (("poly", {}), ("softmax", {}), ("topk", dict(k=2))):
+        _, w = triton_backend.route(logits, rows_task, kind=kind, **kw)
+        assert torch.isnan(w[[1, 3]]).all() and torch.isfinite(w[[0, 2]]).all(), kind

@@ -48,7 +48,19 @@ def _next_row(rows, row):
 
 
 @triton.jit
-def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
+def _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS):
+    # slot j of a routing row: (skill, weight, ok). An out-of-range row or skill is never used as an
+    # address (row 0 / skill 0 are read instead): the caller turns the tokens it touches into NaN
+    row_ok = (row >= 0) & (row < ROWS)
+    at = tl.where(row_ok, row, 0) * si_r + q * si_q + j * si_k
+    s = tl.load(IDX + at)
+    w = tl.load(WGT + at).to(tl.float32)
+    ok = row_ok & (s >= 0) & (s < SKILLS)
+    return tl.where(ok, s, 0), w, ok
+
+
+@triton.jit
+def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, ROWS, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
                     sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     # OUT[n, q, j] = scale · ⟨x_q[n] M_q,s, v[n]⟩ for the skill s of slot j: every skill of the head
@@ -71,15 +83,18 @@ def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, sc
                 z += tl.dot(xt, a, input_precision=PREC)
             p = tl.sum(tl.reshape(z, (BLOCK_N, BLOCK_M, BLOCK_R)) * v[:, None, :], axis=2) * scale
             ms = s0 + tl.arange(0, BLOCK_M)
+            row_ok = (rows >= 0) & (rows < ROWS)
             for j in range(K):
-                sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=valid, other=-1)
+                sj = tl.load(IDX + tl.where(row_ok, rows, 0) * si_r + q * si_q + j * si_k, mask=valid, other=0)
+                ok = row_ok & (sj >= 0) & (sj < SKILLS)
                 pj = tl.sum(tl.where(ms[None, :] == sj[:, None], p, 0.0), axis=1)
-                hit = valid & (sj >= s0) & (sj < s0 + BLOCK_M)
-                tl.store(OUT + tok * so_n + q * so_a + j * so_b, pj, mask=hit)
+                hit = valid & ok & (sj >= s0) & (sj < s0 + BLOCK_M)
+                tl.store(OUT + tok * so_n + q * so_a + j * so_b, tl.where(ok, pj, float("nan")), mask=hit | (valid & ~ok))
 
 
 @triton.jit
-def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
+def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, SKILLS, ROWS, scale, lo, hi, sx_n, sx_d,
+                    sm_q, sm_s,
                     sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, MODE: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     # modes 0 and 1: the tile's routing-row segments one by one, each row's skills mixed (0) or
@@ -87,6 +102,7 @@ def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, sca
     dd = tl.arange(0, BLOCK_D)
     nd = tl.cdiv(DH, BLOCK_D)
     acc_u = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    poison = tl.zeros((BLOCK_N,), dtype=tl.int32)  # tokens whose row or skill is out of range
     row = tl.min(rows, axis=0)
     while row < ROW_PAD:
         seg = valid & (rows == row)
@@ -99,15 +115,18 @@ def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, sca
                              mask=seg[:, None] & dmask[None, :], other=0.0)
                 mixed = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
                 for j in range(K):
-                    s = tl.load(IDX + row * si_r + q * si_q + j * si_k)
-                    wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
+                    s, wj, ok = _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS)
+                    poison = tl.where(seg & ~ok, 1, poison)
                     a = tl.load(M + q * sm_q + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
                                 mask=dmask[:, None] & rmask[None, :], other=0.0)
                     mixed += wj * a.to(tl.float32)
                 acc_u += tl.dot(xt, mixed.to(xt.dtype), input_precision=PREC)
         else:  # one head
             for j in range(K):
-                s = tl.load(IDX + row * si_r + j * si_k)
+                row_ok = (row >= 0) & (row < ROWS)
+                s = tl.load(IDX + tl.where(row_ok, row, 0) * si_r + j * si_k)
+                ok = row_ok & (s >= 0) & (s < SKILLS)  # else never an address; the slot's result is NaN
+                s = tl.where(ok, s, 0)
                 z = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
                 for step in range(lo, hi):
                     d0 = step * BLOCK_D
@@ -117,17 +136,17 @@ def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, sca
                     a = tl.load(M + s * sm_s + (d0 + dd)[:, None] * sm_d + rr[None, :] * sm_r,
                                 mask=dmask[:, None] & rmask[None, :], other=0.0)
                     z += tl.dot(xt, a, input_precision=PREC)
-                tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b, z * scale,
-                         mask=seg[:, None] & rmask[None, :])
+                tl.store(OUT + tok[:, None] * so_n + j * so_a + rr[None, :] * so_b,
+                         tl.where(ok, z * scale, float("nan")), mask=seg[:, None] & rmask[None, :])
         row = _next_row(rows, row)
     if MODE == 0:
-        tl.store(OUT + tok[:, None] * so_n + rr[None, :] * so_b, acc_u * scale,
-                 mask=valid[:, None] & rmask[None, :])
+        tl.store(OUT + tok[:, None] * so_n + rr[None, :] * so_b,
+                 tl.where(poison[:, None] != 0, float("nan"), acc_u * scale), mask=valid[:, None] & rmask[None, :])
 
 
 @triton.jit
 def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
-                   N, DH, RANK, K, SKILLS, STEPS, scale,
+                   N, ROWS, DH, RANK, K, SKILLS, STEPS, scale,
                    sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k,
                    so_p, so_n, so_a, so_b, sv_n, sv_r,
                    H: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
@@ -147,12 +166,14 @@ def _shrink_kernel(X, M, IDX, WGT, ORDER, SROWS, OUT, V,
     if MODE == 2:
         hi = tl.minimum(lo + STEPS, tl.cdiv(DH, BLOCK_D))
         v = tl.load(V + tok[:, None] * sv_n + rr[None, :] * sv_r, mask=valid[:, None] & rmask[None, :], other=0.0)
-        _all_skills_dot(X, M, IDX, OUT + part.to(tl.int64) * so_p, tok, rows, valid, v, DH, RANK, K, SKILLS, scale,
+        _all_skills_dot(X, M, IDX, OUT + part.to(tl.int64) * so_p, tok, rows, valid, v, DH, RANK, K, SKILLS, ROWS,
+                        scale,
                         lo, hi, sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H, PREC,
                         BLOCK_N, BLOCK_D, BLOCK_R, BLOCK_M)
     else:
         hi = tl.minimum(lo + STEPS, H * tl.cdiv(DH, BLOCK_D))
-        _segment_shrink(X, M, IDX, WGT, OUT + part.to(tl.int64) * so_p, tok, rows, valid, rr, rmask, DH, K, scale,
+        _segment_shrink(X, M, IDX, WGT, OUT + part.to(tl.int64) * so_p, tok, rows, valid, rr, rmask, DH, K, SKILLS,
+                        ROWS, scale,
                         lo, hi, sx_n, sx_d, sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, MODE, PREC,
                         BLOCK_N, BLOCK_D, BLOCK_R)
 
@@ -168,7 +189,7 @@ def _sum_parts(ptrs, mask, SPLITS, su_p, BLOCK_N: tl.constexpr, BLOCK_R: tl.cons
 
 @triton.jit
 def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
-                   N, OH, RANK, K, HEADS, DIN, SPLITS, scale,
+                   N, ROWS, SKILLS, OH, RANK, K, HEADS, DIN, SPLITS, scale,
                    su_p, su_n, su_k, su_r, sm_q, sm_s, sm_r, sm_o, si_r, si_q, si_k, sb_n, sb_o, sy_n, sy_o,
                    sx_n, sx_k, sw_k, sw_o, st_n, st_k,
                    MIX: tl.constexpr, HAS_BASE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -191,14 +212,15 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
     oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = oo < OH
     acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
+    poison = tl.zeros((BLOCK_N,), dtype=tl.int32)  # tokens whose row or skill is out of range
     row = tl.min(rows, axis=0)
     while row < ROW_PAD:
         seg = valid & (rows == row)
         if MIX:
             mixed = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
             for j in range(K):
-                s = tl.load(IDX + row * si_r + q * si_q + j * si_k)
-                wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
+                s, wj, ok = _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS)
+                poison = tl.where(seg & ~ok, 1, poison)
                 b = tl.load(M + q * sm_q + s * sm_s + rr[:, None] * sm_r + oo[None, :] * sm_o,
                             mask=rmask[:, None] & omask[None, :], other=0.0)
                 mixed += wj * b.to(tl.float32)
@@ -210,8 +232,8 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
             acc += tl.dot(u.to(M.dtype.element_ty), mixed.to(M.dtype.element_ty), input_precision=PREC)
         else:
             for j in range(K):
-                s = tl.load(IDX + row * si_r + q * si_q + j * si_k)
-                wj = tl.load(WGT + row * si_r + q * si_q + j * si_k).to(tl.float32)
+                s, wj, ok = _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS)
+                poison = tl.where(seg & ~ok, 1, poison)
                 b = tl.load(M + q * sm_q + s * sm_s + rr[:, None] * sm_r + oo[None, :] * sm_o,
                             mask=rmask[:, None] & omask[None, :], other=0.0)
                 z = _sum_parts(U + tok[:, None] * su_n + j * su_k + rr[None, :] * su_r, seg[:, None] & rmask[None, :],
@@ -224,7 +246,7 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
         row = _next_row(rows, row)
     acc = acc * scale
     mask = valid[:, None] & omask[None, :]
-    cols = q * OH + oo
+    cols = (q * OH + oo).to(tl.int64)  # column * stride of a large base weight (an LM head) can pass 2**31
     if LINEAR:
         # the base linear in the same tile: x Wᵀ accumulated onto the delta (no delta in memory)
         kk = tl.arange(0, BLOCK_K)
@@ -232,19 +254,21 @@ def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
             kmask = (k0 + kk) < DIN
             xt = tl.load(X + tok[:, None] * sx_n + (k0 + kk)[None, :] * sx_k, mask=valid[:, None] & kmask[None, :],
                          other=0.0)
-            wt = tl.load(WT + (k0 + kk)[:, None] * sw_k + cols[None, :] * sw_o, mask=kmask[:, None] & omask[None, :],
+            wt = tl.load(WT + (k0 + kk).to(tl.int64)[:, None] * sw_k + cols[None, :] * sw_o,
+                         mask=kmask[:, None] & omask[None, :],
                          other=0.0)
             acc += tl.dot(xt, wt, input_precision=PREC)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=omask, other=0.0).to(tl.float32)[None, :]
     if HAS_BASE:
         acc += tl.load(BASE + tok[:, None] * sb_n + cols[None, :] * sb_o, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.where(poison[:, None] != 0, float("nan"), acc)
     tl.store(Y + tok[:, None] * sy_n + cols[None, :] * sy_o, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
-                        N, WIDTH, RANK, K, SKILLS, CHUNK, scale,
+                        N, ROWS, WIDTH, RANK, K, SKILLS, CHUNK, scale,
                         sw_n, sw_w, sv_n, sv_k, sv_r, si_r, si_q, si_k, so_p, so_q, so_s, so_w, so_r,
                         SHARED_V: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -268,6 +292,8 @@ def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
         nn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # token * stride can pass 2**31
         nmask = nn < n_end
         rows = tl.load(RIDS + nn, mask=nmask, other=0)
+        row_ok = (rows >= 0) & (rows < ROWS)
+        rows = tl.where(row_ok, rows, 0)
         wide = tl.load(WIDE + nn[:, None] * sw_n + (q * WIDTH + ww)[None, :] * sw_w,
                        mask=nmask[:, None] & wmask[None, :], other=0.0)
         if SHARED_V:
@@ -275,7 +301,8 @@ def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
             for j in range(K):
                 sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
                 wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
-                coef += tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0)
+                bad = nmask & ~(row_ok & (sj >= 0) & (sj < SKILLS))  # an out-of-range token poisons the sums
+                coef += tl.where(bad[:, None], float("nan"), tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0))
             v = tl.load(VR + nn[:, None] * sv_n + rr[None, :] * sv_r, mask=nmask[:, None] & rmask[None, :], other=0.0)
             rank = coef[:, :, None] * v[:, None, :]
         else:
@@ -285,7 +312,9 @@ def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
                 wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
                 v = tl.load(VR + nn[:, None] * sv_n + j * sv_k + rr[None, :] * sv_r,
                             mask=nmask[:, None] & rmask[None, :], other=0.0)
-                rank += tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0)[:, :, None] * v[:, None, :]
+                bad = nmask & ~(row_ok & (sj >= 0) & (sj < SKILLS))
+                coef = tl.where(bad[:, None], float("nan"), tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0))
+                rank += coef[:, :, None] * v[:, None, :]
         acc += tl.dot(tl.trans(wide), tl.reshape(rank, (BLOCK_N, BLOCK_M * BLOCK_R)).to(wide.dtype),
                       input_precision=PREC)
     ff = tl.arange(0, BLOCK_M * BLOCK_R)
@@ -377,7 +406,8 @@ def _mix_block(P, M, DM, IDX, WGT, DWP, q, col0, R, WIDTH, RANK, K, SKILLS, stor
         m_all = tl.load(M + ms[:, None] * sm_s + m_off[None, :], mask=mmask[:, None] & fmask[None, :],
                         other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_W * BLOCK_R), dtype=tl.float32)
-    for row in range(0, R):
+    for r32 in range(0, R):
+        row = tl.full((), 0, tl.int64) + r32  # row * stride of the (R, width, rank) reductions can pass 2**31
         ri = row * si_r + q * si_q
         p_off = row * sp_r + (q * WIDTH + col) * sp_w
         dwp = DWP + ((row * H + q) * K) * NB + dwp_col
@@ -385,11 +415,12 @@ def _mix_block(P, M, DM, IDX, WGT, DWP, q, col0, R, WIDTH, RANK, K, SKILLS, stor
             for j in range(K):
                 s = tl.load(IDX + ri + j * si_k)
                 wj = tl.load(WGT + ri + j * si_k).to(tl.float32)
+                s_ok = (s >= 0) & (s < SKILLS)
                 tile = tl.load(P + p_off + (j * RANK + rk) * sp_k, mask=fmask, other=0.0)
                 acc += tl.where(ms == s, wj, 0.0)[:, None] * tile[None, :]
                 if DW:
-                    mj = tl.load(M + s * sm_s + m_off, mask=fmask, other=0.0).to(tl.float32)
-                    tl.store(dwp + j * NB, tl.sum(mj * tile, axis=0))
+                    mj = tl.load(M + tl.where(s_ok, s, 0) * sm_s + m_off, mask=fmask, other=0.0).to(tl.float32)
+                    tl.store(dwp + j * NB, tl.where(s_ok, tl.sum(mj * tile, axis=0), float("nan")))
         else:  # params combine: one reduction per row and head, mixed with the row's dense weights
             sel = tl.load(IDX + ri + kk * si_k, mask=kmask, other=-1)
             wv = tl.load(WGT + ri + kk * si_k, mask=kmask, other=0.0).to(tl.float32)
@@ -399,6 +430,7 @@ def _mix_block(P, M, DM, IDX, WGT, DWP, q, col0, R, WIDTH, RANK, K, SKILLS, stor
             if DW:
                 dots = tl.sum(m_all * tile[None, :], axis=1)
                 per_slot = tl.sum(tl.where(sel[:, None] == ms[None, :], dots[None, :], 0.0), axis=1)
+                per_slot = tl.where((sel >= 0) & (sel < SKILLS), per_slot, float("nan"))
                 tl.store(dwp + kk * NB, per_slot, mask=kmask)
     if store_dm != 0:
         tl.store(DM + q * sd_q + ms[:, None] * sd_s + (col * sd_w + rk * sd_r)[None, :],

@@ -36,10 +36,13 @@ def _poly_probs(z, SEED, ex, q, ss, H, M, inv_tau, eps, tiny, NOISE: tl.constexp
 
 
 @triton.jit
-def _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s):
-    # routing row r reads its task's logits straight from the (T, h, m) table
+def _row_logits(LOGITS, ROWS_TASK, T, r, q, ss, smask, sl_t, sl_q, sl_s):
+    # routing row r reads its task's logits straight from the (T, h, m) table; a task id out of
+    # range is never used as an address (task 0 is read instead) and comes back not ok
     t = tl.load(ROWS_TASK + r)
-    return tl.load(LOGITS + t * sl_t + q * sl_q + ss * sl_s, mask=smask, other=0.0).to(tl.float32)
+    ok = (t >= 0) & (t < T)
+    z = tl.load(LOGITS + tl.where(ok, t, 0) * sl_t + q * sl_q + ss * sl_s, mask=smask, other=0.0).to(tl.float32)
+    return z, ok
 
 
 @triton.jit
@@ -53,7 +56,7 @@ def _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, 
 
 
 @triton.jit
-def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_offset, inv_tau, eps, tiny,
+def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, T, H, M, K, ex_offset, inv_tau, eps, tiny,
                            sl_t, sl_q, sl_s, so_r, so_q, so_k,
                            KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
                            ROW_IS_EXAMPLE: tl.constexpr):
@@ -61,20 +64,20 @@ def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_
     q = tl.program_id(1)
     ss = tl.arange(0, BLOCK_M)
     smask = ss < M
-    z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
+    z, ok = _row_logits(LOGITS, ROWS_TASK, T, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
         p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE,
                             ROW_IS_EXAMPLE)
         w = p / (tl.sum(p, axis=0) + 1e-12)
-        tl.store(W + out + ss * so_k, w, mask=smask)
+        tl.store(W + out + ss * so_k, tl.where(ok, w, float("nan")), mask=smask)
         tl.store(IDX + out + ss * so_k, ss.to(tl.int64), mask=smask)
     else:
         zt = tl.where(smask, z * inv_tau, float("-inf"))
         e = tl.exp(zt - tl.max(zt, axis=0))
         p = e / tl.sum(e, axis=0)
         if KIND == SOFTMAX:
-            tl.store(W + out + ss * so_k, p, mask=smask)
+            tl.store(W + out + ss * so_k, tl.where(ok, p, float("nan")), mask=smask)
             tl.store(IDX + out + ss * so_k, ss.to(tl.int64), mask=smask)
         else:
             work = tl.where(smask, p, -1.0)
@@ -89,13 +92,13 @@ def _router_forward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, H, M, K, ex_
                 val = tl.max(work, axis=0)
                 if RENORM:
                     val = val / total
-                tl.store(W + out + j * so_k, val)
+                tl.store(W + out + j * so_k, tl.where(ok, val, float("nan")))
                 tl.store(IDX + out + j * so_k, best.to(tl.int64))
                 work = tl.where(ss == best, -2.0, work)
 
 
 @triton.jit
-def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, H, M, K, ex_offset, inv_tau, eps, tiny,
+def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, T, H, M, K, ex_offset, inv_tau, eps, tiny,
                             sl_t, sl_q, sl_s, so_r, so_q, so_k, sd_r, sd_q,
                             KIND: tl.constexpr, NOISE: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
                            ROW_IS_EXAMPLE: tl.constexpr):
@@ -103,7 +106,7 @@ def _router_backward_kernel(LOGITS, ROWS_TASK, ROW_EX, SEED, IDX, W, DW, DZ, H, 
     q = tl.program_id(1)
     ss = tl.arange(0, BLOCK_M)
     smask = ss < M
-    z = _row_logits(LOGITS, ROWS_TASK, r, q, ss, smask, sl_t, sl_q, sl_s)
+    z, ok = _row_logits(LOGITS, ROWS_TASK, T, r, q, ss, smask, sl_t, sl_q, sl_s)
     out = r * so_r + q * so_q
     if KIND == POLY:
         p = _row_poly_probs(z, SEED, ROW_EX, r, ex_offset, q, ss, smask, H, M, inv_tau, eps, tiny, NOISE,

@@ -268,7 +268,7 @@ def _shrink(X, M, idx, w, order, srows, mode, K, out, v=None, scale=1.0):
         _record(shrink_traffic, X, M, idx, w, srows, mode, K, parts, v, b, grid)
         return parts
     _k()._shrink_kernel[grid](
-        X, M, idx, w, order, srows, parts, v_, N, dh, r, K, m, steps, float(scale),
+        X, M, idx, w, order, srows, parts, v_, N, idx.shape[0], dh, r, K, m, steps, float(scale),
         X.stride(0), X.stride(1), *M.stride(), *idx.stride(), so_p, *so, *sv,
         H=h, MODE=mode, PREC=_prec(X.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_R=b["BLOCK_R"],
         BLOCK_M=b["BLOCK_M"], num_warps=b["num_warps"], num_stages=b["num_stages"])
@@ -371,7 +371,7 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None
     _k()._expand_kernel[grid](
         U, M, idx, w, order, srows, base if base is not None else y, y, X, WT, bias if bias is not None else y,
         u_out if u_out is not None else y,
-        N, oh, r, K, h, X.shape[1] if linear is not None else 0, U.shape[0], float(scale),
+        N, idx.shape[0], m, oh, r, K, h, X.shape[1] if linear is not None else 0, U.shape[0], float(scale),
         U.stride(0), *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
         *((X.stride(0), X.stride(1), WT.stride(0), WT.stride(1)) if linear is not None else (0, 0, 0, 0)), *st,
         MIX=mix, HAS_BASE=base is not None, LINEAR=linear is not None, HAS_BIAS=bias is not None,
@@ -611,7 +611,7 @@ def _weight_grad(wide, V, idx, w, route_ids, out, width, scale, shared_v, transp
         _record(weight_grad_traffic, wide, V, idx, w, route_ids, dst, width, shared_v, b, grid, chunk)
     else:
         _k()._weight_grad_kernel[grid](
-            wide, V, idx, w, route_ids, dst, N, width, r, K, m, chunk, float(scale),
+            wide, V, idx, w, route_ids, dst, N, idx.shape[0], width, r, K, m, chunk, float(scale),
             wide.stride(0), wide.stride(1), *sv, *idx.stride(), so_p, so[0], so[1], so_w, so_r,
             SHARED_V=shared_v, PREC=_prec(wide.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_W=b["BLOCK_W"],
             BLOCK_R=b["BLOCK_R"], BLOCK_M=b["BLOCK_M"], num_warps=b["num_warps"], num_stages=b["num_stages"])
@@ -938,7 +938,7 @@ def _router_args(logits, rows_task, row_example, seed, kind, k, temperature, ren
     ptrs = (row_example if row_example is not None else rows_task, seed if seed is not None else rows_task)
     consts = dict(KIND=ROUTER_KINDS[kind], NOISE=seed is not None, RENORM=bool(renormalize), BLOCK_M=_pow2(m, 2),
                   ROW_IS_EXAMPLE=row_example is None)
-    return R, h, m, K, ptrs, (h, m, K, int(ex_offset), 1.0 / float(temperature), eps, tiny), consts
+    return R, h, m, K, ptrs, (T, h, m, K, int(ex_offset), 1.0 / float(temperature), eps, tiny), consts
 
 
 @torch.library.custom_op("routedlora::triton_route", mutates_args=())
