@@ -49,7 +49,11 @@ def _worker(rank, port, parallel, recipe, out_dir):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store, not a TCP one: no free port to race for and no store-server thread in rank 0
+    # to outlive its peer (a rank 0 SIGABRT "terminate called without an active exception" was
+    # seen once in CI under load)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=WORLD)
     try:
         stage2 = 2 if recipe == "mta" else None
         res = run(make(parallel, recipe, stage2_at=stage2))
