@@ -118,7 +118,8 @@ def test_base_output_or_base_linear(base_kind, combine, h, algo):
             dtype=torch.float32, base_kind=base_kind, algo=algo)
 
 
-@pytest.mark.parametrize("frozen", [("A", "B"), ("A", "B", "logits"), ("x",), ("x", "logits"), ("B",), ("A",)])
+@pytest.mark.parametrize("frozen", [("A", "B"), ("A", "B", "logits"), ("x",), ("x", "logits"), ("B",), ("A",),
+                                    ("x", "A", "B")])
 @pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
 def test_only_the_gradients_asked_for(frozen, combine, h):
     # frozen leaves: their gradients are not computed, the rest still match

@@ -774,12 +774,13 @@ def backward_impl(grad, x, A, B, idx, w, saved, weight, scale: float, combine: s
     params = combine == "params"
     idx_c, w_c = idx.contiguous(), w.contiguous()
     du = None
-    if need_x or need_A or (need_w and params):
+    du_for_w = need_w and (params or algorithm == "tokens")  # outputs by rows: dw from the gradient side alone
+    if need_x or need_A or du_for_w:
         # γ g B̂ᵀ (params), or γ g B_jᵀ per slot (outputs): one pass over the gradient
         shape = (N, A.shape[3]) if params else (N, K, A.shape[3])
         du = torch.empty(shape, dtype=torch.float32, device=x.device)
         parts = _shrink(grad, B.transpose(2, 3), idx_c, w_c, order, srows, 0 if params else 1, K, du, scale=scale)
-        split, more = parts.shape[0] > 1, need_A or need_w  # more: du read beyond dx
+        split, more = parts.shape[0] > 1, need_A or du_for_w  # more: du read beyond dx
     dx = dA = dB = dw = None
     if need_x:
         dx = torch.empty(N, d, dtype=x.dtype, device=x.device)
