@@ -26,8 +26,8 @@ are in each routedlora row's ``per_batch``.
 from __future__ import annotations
 
 import contextlib
-import math
 import json
+import math
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -79,21 +79,25 @@ def hbm_bytes(traffic) -> float:
     return float(total)
 
 
+def _priced(traffic):
+    """A recorded launch (a triton or csrc traffic formula) as a counted kernel."""
+    from .counting import Kernel
+
+    dtype = traffic.variant.get("dtype", "torch.float32").replace("torch.", "")
+    return Kernel(traffic.kernel, float(traffic.flops), hbm_bytes(traffic), dtype,
+                  detail=dict(grid=list(traffic.grid), requested=traffic.requested, distinct=traffic.distinct,
+                              variant=traffic.variant))
+
+
 def _triton_expansions() -> Dict[object, Callable]:
     """The triton backend's custom ops, counted by their bodies with the kernel launches recorded."""
     from routedlora.ops import triton_backend as tb
-
-    from .counting import Kernel
 
     def expander(op):
         def run(mode, *args, **kwargs):
             with tb.record_launches() as launches:
                 out = op._init_fn(*args, **kwargs)
-            for t in launches:
-                dtype = t.variant.get("dtype", "torch.float32").replace("torch.", "")
-                mode.counts.kernels.append(Kernel(t.kernel, float(t.flops), hbm_bytes(t), dtype,
-                                                  detail=dict(grid=list(t.grid), requested=t.requested,
-                                                              distinct=t.distinct, variant=t.variant)))
+            mode.counts.kernels.extend(_priced(t) for t in launches)
             return out
         return run
 
@@ -170,12 +174,7 @@ class _PricedCsrc:
         self.mode = None
 
     def _add(self, traffic):
-        from .counting import Kernel
-
-        dtype = traffic.variant.get("dtype", "torch.float32").replace("torch.", "")
-        self.mode.counts.kernels.append(Kernel(traffic.kernel, float(traffic.flops), hbm_bytes(traffic), dtype,
-                                               detail=dict(grid=list(traffic.grid), requested=traffic.requested,
-                                                           distinct=traffic.distinct, variant=traffic.variant)))
+        self.mode.counts.kernels.append(_priced(traffic))
 
     def decode_forward(self, x, A, B, idx, w, route_ids, base, scale, params):
         from routedlora.ops import cuda_backend

@@ -6,7 +6,7 @@ its row *segments*: for each one it mixes the row's skills in registers (``param
 combine) or applies them one by one (``outputs`` combine), masked to the segment's
 tokens. No tile is padded per group and no adapter is written to device memory.
 
-Seven kernels serve forward and backward:
+Six kernels serve forward and backward:
 
 * ``_shrink_kernel``   x-side products with the skills' ``(dh, r)`` matrices, MODE
                        0: mixed and summed over heads -> ``(N, r)``; 1: one result
@@ -48,20 +48,36 @@ def _next_row(rows, row):
 
 
 @triton.jit
-def _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS):
-    # slot j of a routing row: (skill, weight, ok). An out-of-range row or skill is never used as an
+def _skill(IDX, row, q, j, si_r, si_q, si_k, ROWS, SKILLS):
+    # slot j of a routing row: (skill, ok, offset). An out-of-range row or skill is never used as an
     # address (row 0 / skill 0 are read instead): the caller turns the tokens it touches into NaN
     row_ok = (row >= 0) & (row < ROWS)
     at = tl.where(row_ok, row, 0) * si_r + q * si_q + j * si_k
     s = tl.load(IDX + at)
-    w = tl.load(WGT + at).to(tl.float32)
     ok = row_ok & (s >= 0) & (s < SKILLS)
-    return tl.where(ok, s, 0), w, ok
+    return tl.where(ok, s, 0), ok, at
 
 
 @triton.jit
-def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, ROWS, scale, lo, hi, sx_n, sx_d, sm_q, sm_s,
-                    sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H: tl.constexpr, PREC: tl.constexpr,
+def _slot(IDX, WGT, row, q, j, si_r, si_q, si_k, ROWS, SKILLS):
+    # slot j of a routing row with its weight: (skill, weight, ok), as _skill
+    s, ok, at = _skill(IDX, row, q, j, si_r, si_q, si_k, ROWS, SKILLS)
+    return s, tl.load(WGT + at).to(tl.float32), ok
+
+
+@triton.jit
+def _slot_coef(IDX, WGT, rows, row_ok, nmask, ms, q, j, si_r, si_q, si_k, SKILLS):
+    # per token, slot j's weight on each skill of ms (BLOCK_N, BLOCK_M); a token whose row or skill
+    # is out of range gets NaN everywhere: it poisons the sums it enters
+    sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
+    wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
+    bad = nmask & ~(row_ok & (sj >= 0) & (sj < SKILLS))
+    return tl.where(bad[:, None], float("nan"), tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0))
+
+
+@triton.jit
+def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, ROWS, scale, lo, hi, sx_n, sx_d,
+                    sm_q, sm_s, sm_d, sm_r, si_r, si_q, si_k, so_n, so_a, so_b, H: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     # OUT[n, q, j] = scale · ⟨x_q[n] M_q,s, v[n]⟩ for the skill s of slot j: every skill of the head
     # against the tile in one product (the skills side by side as BLOCK_M·BLOCK_R columns), so x is
@@ -89,7 +105,8 @@ def _all_skills_dot(X, M, IDX, OUT, tok, rows, valid, v, DH, RANK, K, SKILLS, RO
                 ok = row_ok & (sj >= 0) & (sj < SKILLS)
                 pj = tl.sum(tl.where(ms[None, :] == sj[:, None], p, 0.0), axis=1)
                 hit = valid & ok & (sj >= s0) & (sj < s0 + BLOCK_M)
-                tl.store(OUT + tok * so_n + q * so_a + j * so_b, tl.where(ok, pj, float("nan")), mask=hit | (valid & ~ok))
+                tl.store(OUT + tok * so_n + q * so_a + j * so_b, tl.where(ok, pj, float("nan")),
+                         mask=hit | (valid & ~ok))
 
 
 @triton.jit
@@ -123,10 +140,7 @@ def _segment_shrink(X, M, IDX, WGT, OUT, tok, rows, valid, rr, rmask, DH, K, SKI
                 acc_u += tl.dot(xt, mixed.to(xt.dtype), input_precision=PREC)
         else:  # one head
             for j in range(K):
-                row_ok = (row >= 0) & (row < ROWS)
-                s = tl.load(IDX + tl.where(row_ok, row, 0) * si_r + j * si_k)
-                ok = row_ok & (s >= 0) & (s < SKILLS)  # else never an address; the slot's result is NaN
-                s = tl.where(ok, s, 0)
+                s, ok, _ = _skill(IDX, row, 0, j, si_r, 0, si_k, ROWS, SKILLS)  # not ok: the slot's result is NaN
                 z = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
                 for step in range(lo, hi):
                     d0 = step * BLOCK_D
@@ -299,21 +313,15 @@ def _weight_grad_kernel(WIDE, VR, IDX, WGT, RIDS, OUT,
         if SHARED_V:
             coef = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for j in range(K):
-                sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
-                wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
-                bad = nmask & ~(row_ok & (sj >= 0) & (sj < SKILLS))  # an out-of-range token poisons the sums
-                coef += tl.where(bad[:, None], float("nan"), tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0))
+                coef += _slot_coef(IDX, WGT, rows, row_ok, nmask, ms, q, j, si_r, si_q, si_k, SKILLS)
             v = tl.load(VR + nn[:, None] * sv_n + rr[None, :] * sv_r, mask=nmask[:, None] & rmask[None, :], other=0.0)
             rank = coef[:, :, None] * v[:, None, :]
         else:
             rank = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_R), dtype=tl.float32)
             for j in range(K):
-                sj = tl.load(IDX + rows * si_r + q * si_q + j * si_k, mask=nmask, other=-1)
-                wj = tl.load(WGT + rows * si_r + q * si_q + j * si_k, mask=nmask, other=0.0).to(tl.float32)
                 v = tl.load(VR + nn[:, None] * sv_n + j * sv_k + rr[None, :] * sv_r,
                             mask=nmask[:, None] & rmask[None, :], other=0.0)
-                bad = nmask & ~(row_ok & (sj >= 0) & (sj < SKILLS))
-                coef = tl.where(bad[:, None], float("nan"), tl.where(sj[:, None] == ms[None, :], wj[:, None], 0.0))
+                coef = _slot_coef(IDX, WGT, rows, row_ok, nmask, ms, q, j, si_r, si_q, si_k, SKILLS)
                 rank += coef[:, :, None] * v[:, None, :]
         acc += tl.dot(tl.trans(wide), tl.reshape(rank, (BLOCK_N, BLOCK_M * BLOCK_R)).to(wide.dtype),
                       input_precision=PREC)

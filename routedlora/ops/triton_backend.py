@@ -5,10 +5,11 @@ registered as one ``torch.library`` custom op (``routedlora::triton_forward`` an
 ``routedlora::triton_backward``) with fake implementations, so ``torch.compile`` and
 CUDA graphs see single opaque ops.
 
-Routing metadata is built on the device with no host sync: a stable sort of
-``route_ids`` (tokens grouped by routing row), and per-row offsets for the
-deterministic per-row reduction of routing gradients. Every weight gradient is a
-per-(head, skill, block) reduction owned by one program: no atomics.
+Routing metadata is built on the device with no host sync, once per batch (``TokenRows``):
+a stable sort of ``route_ids`` (tokens grouped by routing row) and per-row offsets. The
+skills' and routing gradients go by rows (per-row reductions, then the mixing) or by tokens
+(every skill of a head in one product), priced per call by :func:`backward_algorithm`.
+Every reduction has a fixed order (split partials summed in order): no atomics.
 
 Routers: :func:`route` computes ``poly`` (Gumbel noise from a seed), ``softmax`` and
 ``topk`` rows in one kernel, with the logit gradients summed per task in another.
@@ -17,8 +18,10 @@ Tiles: :func:`tile_table` reads ``triton_kernels/configs/<gpu>.json`` (written b
 ``benchmarks/tune_triton.py``) or ``default.json``, one configuration per shape class.
 
 Memory: forward keeps a float32 rank-space activation, ``N*r`` (``params``) or
-``N*K*r`` (``outputs``) numbers; backward adds two such buffers and ``N*h*K``
-routing-gradient partials. Nothing ``d x r`` is ever stored per token or row.
+``N*K*r`` (``outputs``) numbers. Backward adds one such buffer (and split-K partials
+where the grid is split); by rows, the float32 reductions ``R*(d+o)*r'`` (chosen only
+where they cost less than re-reading ``x`` and the gradient); by tokens, ``N*h*K``
+routing-gradient partials. Nothing ``d x r`` is stored per token.
 """
 from __future__ import annotations
 
@@ -228,7 +231,15 @@ def _blocks_of(width: int, block: int) -> List[int]:
     return [min(block, width - w0) for w0 in range(0, width, block)]
 
 
+_FILL_PROGRAMS = 132  # one program per SM of an H100: a smaller grid is split (tokens, or d) to fill it
 _MAX_SPLITS = 32  # partials the expand sums per tile: beyond this the sum costs more than the fill gains
+
+
+def _narrow_to_fill(b: dict, key: str, floor: int, programs) -> None:
+    """Halve the block ``b[key]`` (not below ``floor``) while the grid, ``programs(block)``
+    programs, is too small to fill the GPU."""
+    while programs(b[key]) < _FILL_PROGRAMS and b[key] > floor:
+        b[key] //= 2
 
 
 def _split_k(N: int, h: int, dh: int, b: dict) -> Tuple[int, int]:
@@ -236,8 +247,7 @@ def _split_k(N: int, h: int, dh: int, b: dict) -> Tuple[int, int]:
     token tiles to fill the GPU is split along ``d`` (narrower column blocks first, down to 64: the
     bf16 variant at 32 spills registers on sm_90)."""
     tiles = triton_cdiv(N, b["BLOCK_N"])
-    while tiles * h * triton_cdiv(dh, b["BLOCK_D"]) < _FILL_PROGRAMS and b["BLOCK_D"] > 64:
-        b["BLOCK_D"] //= 2
+    _narrow_to_fill(b, "BLOCK_D", 64, lambda bd: tiles * h * triton_cdiv(dh, bd))
     total = h * triton_cdiv(dh, b["BLOCK_D"])
     steps = triton_cdiv(total, min(total, _MAX_SPLITS, triton_cdiv(_FILL_PROGRAMS, tiles)))
     return triton_cdiv(total, steps), steps
@@ -285,10 +295,10 @@ def _summed(parts: Tensor, out: Tensor) -> Tensor:
 def shrink_traffic(X, M, idx, w, srows, mode, K, out, v, b, grid) -> Traffic:
     N = X.shape[0]
     h, m, dh, r = M.shape
-    BN, BD, BR = b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_R"]
-    ex, em, ew = X.element_size(), M.element_size(), w.element_size()
     if mode == 2:
         return _all_skills_traffic(X, M, idx, srows, K, b, grid)
+    BN, BD, BR = b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_R"]
+    ex, em, ew = X.element_size(), M.element_size(), w.element_size()
     S = grid[1]  # split-K partials: each program walks all of its tile's segments over its steps
     req = dict.fromkeys(("X", "M", "IDX", "WGT", "ORDER", "SROWS", "OUT", "V"), 0)
     flops, dblocks = 0, _blocks_of(dh, BD)
@@ -342,8 +352,7 @@ def _expand_grid(N: int, h: int, oh: int, b: dict) -> tuple:
     """Programs (token tile, head, column block); column blocks narrow (down to 16) until the grid
     fills the GPU, so a decode-sized batch still streams the base weight from every SM."""
     tiles = triton_cdiv(N, b["BLOCK_N"])
-    while tiles * h * triton_cdiv(oh, b["BLOCK_O"]) < _FILL_PROGRAMS and b["BLOCK_O"] > 16:
-        b["BLOCK_O"] //= 2
+    _narrow_to_fill(b, "BLOCK_O", 16, lambda bo: tiles * h * triton_cdiv(oh, bo))
     return (tiles * h * triton_cdiv(oh, b["BLOCK_O"]),)
 
 
@@ -419,8 +428,8 @@ def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid, u_out=
             "UOUT": N * r * 4 * (1 if mix else K) if u_out is not None else 0}
     req["UOUT"] = dist["UOUT"]  # one program per token tile writes each token's summed rank vectors
     variant = dict(MIX=mix, HAS_BASE=base is not None, LINEAR=X is not None, HAS_BIAS=bias is not None,
-                   STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK, dtype=str(M.dtype),
-                   num_warps=b["num_warps"], num_stages=b["num_stages"])
+                   STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK,
+                   dtype=str(M.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
     # a token tile's x rows are read by its h * o-blocks programs, consecutive in the grid
     # (column blocks fastest)
     streamed = {"X": (BN * din * X.element_size(), h * len(oblocks))} if X is not None else {}
@@ -571,7 +580,6 @@ def mix_grads_traffic(G, Hh, A, B, idx, w, dA, dB, dwp, slots, na, nb, t, grid) 
 
 
 _SKILL_COLUMNS = 512  # most skill x rank columns one program keeps: its float32 accumulator's width
-_FILL_PROGRAMS = 132  # one program per SM of an H100: a smaller grid is split (tokens, or d) to fill it
 
 
 def _skill_block(m: int, r: int, b: dict) -> int:
