@@ -139,7 +139,7 @@ def _routed_call(peer, inp: LayerInputs, counted: Callable):
     from routedlora.backends import resolve_backend
 
     layer = _module(peer)
-    with routedlora.routing(layer, inp.task_ids, validate=False) as state:
+    with routedlora.routing(layer, inp.task_ids) as state:
         def build():
             batch = state.rows_for(inp.x.shape[:-1])
             backend = resolve_backend(layer.config.backend, inp.x.device)

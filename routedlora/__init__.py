@@ -2,7 +2,7 @@
 
 See README.md for the API and DESIGN.md for the math.
 """
-from . import ops, routers
+from . import context, ops, routers
 from .backends import BACKENDS, CudaBackendUnavailable, available_backends
 from .checkpoint import adapter_state_dict, load_adapter, save_adapter
 from .config import RoutedLoraConfig
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "CudaBackendUnavailable", "MTALinear", "RoutedLoraConfig", "RoutedLoraLinear", "Routing", "adapter_state_dict",
-    "available_backends", "eject", "from_peft", "inject", "load_adapter", "merge", "mhr_mu", "mhr_z",
+    "available_backends", "context", "eject", "from_peft", "inject", "load_adapter", "merge", "mhr_mu", "mhr_z",
     "model_config", "mta_stage2", "ops", "param_groups", "routed_layers", "routers", "routing",
     "save_adapter", "set_trainable", "to_peft", "unmerge",
 ]

@@ -35,6 +35,9 @@ class BatchRows(NamedTuple):
     # noise, no gradient), so that the decode steps of a generate loop, which share one batch,
     # route once: layer id -> (what they were computed from, (idx, w))
     routed: Dict[int, tuple]
+    # None when the task ids' range was checked; else (validate=False, or traced) what the
+    # routers read instead, so that an out-of-range id never wraps around or reads another task
+    unchecked: Optional["UncheckedRows"] = None
 
     def by_task(self, n_tasks: int) -> TokenRows:
         """The routing rows as the "tokens" of ``n_tasks`` task rows: their grouping by task is
@@ -54,7 +57,14 @@ def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> Tensor
     """
     if isinstance(task_ids, bool):
         raise TypeError("task_ids: expected ints or an integer tensor, got bool")
-    ids = task_ids if isinstance(task_ids, Tensor) else torch.as_tensor(task_ids)
+    if isinstance(task_ids, Tensor):
+        ids = task_ids
+    else:
+        try:
+            ids = torch.as_tensor(task_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"task_ids: expected an int, a sequence of ints or an integer tensor, got "
+                            f"{type(task_ids).__name__} {task_ids!r:.60}") from e
     check_tensor("task_ids", ids, integer=True)
     if ids.device.type == "meta":
         raise ValueError("task_ids: on the meta device; pass task ids with values (CPU or the model's device)")
@@ -69,11 +79,12 @@ def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> Tensor
     return ids.to(device=device, dtype=torch.long)
 
 
-def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1) -> BatchRows:
+def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1, unchecked: Optional[int] = None) -> BatchRows:
     """The routing rows of an input of leading shape ``lead`` (``x.shape[:-1]``) under task ids ``ids``.
 
     ``expand``: inside ``generate()`` each id stands for ``expand`` consecutive sequences
     (beams, returned sequences); ids of ``B / expand`` sequences are repeated for them.
+    ``unchecked``: the number of tasks, where the ids' range was not checked (see :class:`UncheckedRows`).
     """
     N = math.prod(lead)
     B = lead[0] if lead else 1
@@ -86,21 +97,50 @@ def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1) -> BatchRows
     if ids.shape == lead[:1] or (not lead and ids.numel() == 1):
         rows_task = ids.reshape(-1)
         return BatchRows(rows_task, None, rows_task.shape[0], TokenRows.contiguous(rows_task.shape[0], max(S, 1), dev),
-                         {}, {})
+                         {}, {}, None if unchecked is None else UncheckedRows(rows_task, unchecked))
     if ids.shape == lead:
         row_example = torch.arange(B, device=dev)
         if S != 1:
             row_example = row_example.repeat_interleave(S)
-        return BatchRows(ids.reshape(-1), row_example, B, TokenRows.contiguous(N, 1, dev), {}, {})
+        rows_task = ids.reshape(-1)
+        return BatchRows(rows_task, row_example, B, TokenRows.contiguous(N, 1, dev), {}, {},
+                         None if unchecked is None else UncheckedRows(rows_task, unchecked))
     raise ValueError(f"task_ids: expected a scalar, shape ({B},) (one per sequence) or {tuple(lead)} (one per "
                      f"token) for input of shape {(*lead, '...')}, got shape {tuple(ids.shape)}")
+
+
+class UncheckedRows:
+    """Routing rows whose task ids nobody range-checked (``validate=False``, or traced by
+    ``torch.compile``), made safe once per batch: the routers read :meth:`rows` (out-of-range
+    ids clamped into the table) and add :meth:`poison` to their weights (NaN on those rows), so
+    exactly the tokens of an out-of-range id come out NaN, as the routing kernels do."""
+
+    def __init__(self, rows_task: Tensor, n_tasks: int):
+        self.rows_task, self.n_tasks = rows_task, n_tasks
+        self._made = None
+
+    def _make(self):
+        if self._made is None:
+            ids = self.rows_task
+            ok = (ids >= 0) & (ids < self.n_tasks)
+            poison = torch.where(ok, 0.0, math.nan).view(-1, 1, 1)
+            self._made = (ids.clamp(0, self.n_tasks - 1), poison)
+        return self._made
+
+    def rows(self) -> Tensor:
+        return self._make()[0]
+
+    def poison(self) -> Tensor:
+        """``(R, 1, 1)`` float32: 0 on rows with a valid task id, NaN on the others."""
+        return self._make()[1]
 
 
 class RoutingState:
     """Task ids of the batch in flight, shared by every routed layer of a model."""
 
-    def __init__(self, task_ids: Tensor, decoding: bool = False):
+    def __init__(self, task_ids: Tensor, decoding: bool = False, unchecked: Optional[int] = None):
         self.task_ids = task_ids
+        self.unchecked = unchecked  # the number of tasks where the ids' range was not checked
         self.expand = 1  # sequences per task id inside generate() (beams, samples)
         self.decoding = decoding  # one-position inputs continue a KV cache (set inside generate())
         self.cache = {}  # per-layer values computed at prefill and reused while decoding
@@ -113,11 +153,11 @@ class RoutingState:
         """The batch's routing rows for inputs of leading shape ``lead``, built once and reused."""
         if torch.compiler.is_compiling():
             # traced once into the graph, where identical metadata ops of other layers are CSE'd
-            return batch_rows(self.task_ids, lead, self.expand)
+            return batch_rows(self.task_ids, lead, self.expand, self.unchecked)
         key = (lead, self.expand)
         rows = self._rows.get(key)
         if rows is None:
-            rows = self._rows[key] = batch_rows(self.task_ids, lead, self.expand)
+            rows = self._rows[key] = batch_rows(self.task_ids, lead, self.expand, self.unchecked)
         return rows
 
     def clear(self) -> None:

@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import context
 from .batch import RoutingState, as_task_ids
 from .config import RoutedLoraConfig
 from .layer import RoutedLoraLinear
@@ -32,6 +33,22 @@ def _matches(name: str, spec) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _names_by_module(model: nn.Module) -> dict:
+    """Every submodule with all the names it is registered under (a module may be shared)."""
+    names: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(module, []).append(name)
+    return names
+
+
+def _replace(model: nn.Module, names: List[str], module: nn.Module) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
 
 
 def _layer_class(config: RoutedLoraConfig):
@@ -62,22 +79,26 @@ def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
     if routed_layers(model):
         raise ValueError("model: already has routed LoRA layers (inject once per model)")
     targets = []
-    for name, module in model.named_modules():
-        if not name or not _matches(name, config.target_modules) or _matches(name, config.exclude_modules):
+    for module, names in _names_by_module(model).items():
+        hit = [n for n in names if _matches(n, config.target_modules) and not _matches(n, config.exclude_modules)]
+        if not hit:
             continue
+        if len(hit) < len(names):
+            # one module object under several names: replacing it under some would leave the
+            # others silently plain
+            raise ValueError(f"target_modules: {type(module).__name__} is registered under {names}, but only "
+                             f"{hit} match target_modules/exclude_modules; target all of its names or none")
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"target_modules: {name!r} is a {type(module).__name__}, not an nn.Linear")
-        RoutedLoraLinear.check_compatible(module, config, name=name)
-        targets.append((name, module))
+            raise TypeError(f"target_modules: {hit[0]!r} is a {type(module).__name__}, not an nn.Linear")
+        RoutedLoraLinear.check_compatible(module, config, name=hit[0])
+        targets.append((names, module))
     if not targets:
         raise ValueError(f"target_modules: no module of the model matches {config.target_modules!r}")
     cls = _layer_class(config)
-    new = [(name, cls(module, config, layer_index=i).train(module.training))
-           for i, (name, module) in enumerate(targets)]
-    for name, layer in new:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+    new = [(names, cls(module, config, layer_index=i).train(module.training))
+           for i, (names, module) in enumerate(targets)]
+    for names, layer in new:
+        _replace(model, names, layer)
     setattr(model, _CONFIG_ATTR, config)
     _install_generate(model, new[0][1])
     set_trainable(model)
@@ -92,10 +113,9 @@ def eject(model: nn.Module) -> nn.Module:
     for name, layer in routed_layers(model):
         if layer.merged_task is not None:
             raise ValueError(f"model: {name} has task {layer.merged_task} merged; call routedlora.unmerge first")
-    for name, layer in routed_layers(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+    for layer, names in _names_by_module(model).items():
+        if isinstance(layer, RoutedLoraLinear):
+            _replace(model, names, layer.base_layer)
     if _CONFIG_ATTR in model.__dict__:
         delattr(model, _CONFIG_ATTR)
     _remove_generate(model)
@@ -127,7 +147,7 @@ class RoutedGenerate:
 
     def __call__(self, *args, **kwargs):
         generate = self.__wrapped__
-        state = self.layer._state
+        state = self.layer._block_state()
         if state is None:
             return generate(*args, **kwargs)
         saved = state.expand, state.decoding
@@ -199,17 +219,12 @@ def routing(model: nn.Module, task_ids, *, validate: bool = True, decoding: bool
         if len(merged) > 1 or host.numel() == 0 or bool((host != next(iter(merged))).any()):
             raise ValueError(f"task_ids: the model has task {sorted(merged)} merged into its weights; "
                              "route only that task or call routedlora.unmerge(model) first")
-    state = RoutingState(ids, decoding)
+    checked = validate and not torch.compiler.is_compiling()
+    state = RoutingState(ids, decoding, unchecked=None if checked else n_tasks)
     state.noise_rows = noise_rows
     seeded = [layer._noise_step for layer in layers if layer.training and layer.config.seed is not None]
     if seeded:
         with torch.no_grad():
             torch._foreach_add_(seeded, 1)  # a new batch of seeded Gumbel noise
-    previous = [layer._state for layer in layers]
-    for layer in layers:
-        layer._state = state
-    try:
+    with context.activate(layers, state):
         yield state
-    finally:
-        for layer, prev in zip(layers, previous):
-            layer._state = prev

@@ -7,8 +7,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import context
 from .backends import resolve_backend
-from .batch import BatchRows, as_task_ids, batch_rows
+from .batch import BatchRows, UncheckedRows, as_task_ids, batch_rows
 from .config import RoutedLoraConfig
 from .ops import routed_lora
 from .ops.routed_lora import compute_dtype
@@ -63,9 +64,9 @@ class RoutedLoraLinear(nn.Module):
         self.layer_index = layer_index
         self.merged_task: Optional[int] = None
         self.disabled = False
-        self._state = None  # set by routedlora.routing()
         # What the last forward under grad routed with, so that a checkpointed forward
-        # re-run during backward (after the routing block may have closed) sees the same tasks.
+        # re-run during backward (after the routing block may have closed, and on CUDA in
+        # autograd's own thread, which sees no routing block) sees the same tasks.
         self._last_state = None
         # Batch counter of seeded Gumbel noise (config.seed): noise is a pure function of
         # (seed + layer_index, this counter, example), see routers.hashed_uniform.
@@ -87,7 +88,7 @@ class RoutedLoraLinear(nn.Module):
         h = config.n_heads
         if base_layer.in_features % h or base_layer.out_features % h:
             raise ValueError(f"n_heads: {h} heads must divide in_features={base_layer.in_features} and "
-                             f"out_features={base_layer.out_features} of {name}")
+                             f"out_features={base_layer.out_features} of {name!r}")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -126,6 +127,25 @@ class RoutedLoraLinear(nn.Module):
     def bias(self) -> Optional[Tensor]:
         return self.base_layer.bias
 
+    def __setattr__(self, name, value):
+        # Model code also writes them: Hugging Face's tie_weights() re-ties an lm_head to the
+        # input embeddings by assigning `lm_head.weight`. The base layer takes it, provided the
+        # adapter still fits it and no merged delta would be lost.
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            current = getattr(self.base_layer, name)
+            if value is not current:
+                if self.merged_task is not None:
+                    raise ValueError(f"{name}: task {self.merged_task} is merged into this layer's base weight; "
+                                     "call routedlora.unmerge before replacing it")
+                shape = None if current is None else tuple(current.shape)
+                got = None if value is None else tuple(value.shape)
+                if shape != got:
+                    raise ValueError(f"{name}: the routed layer's adapter is built for a base {name} of shape "
+                                     f"{shape}, got {got} (re-inject after resizing a routed module)")
+                setattr(self.base_layer, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def n_tasks(self) -> int:
         return self.router_logits.shape[0]
@@ -134,9 +154,16 @@ class RoutedLoraLinear(nn.Module):
     def scale(self) -> float:
         return self.config.scale
 
+    def _block_state(self):
+        """The state of the :func:`routedlora.routing` block this thread / asyncio task routes this layer by."""
+        state = context.current(self)
+        if state is context.AMBIGUOUS:
+            raise ValueError(context.AMBIGUOUS_MESSAGE)
+        return state
+
     def _current_state(self):
         """The routing block's state; during a checkpointed re-run, the state the forward used."""
-        state = self._state
+        state = self._block_state()
         if state is None and _recomputing():
             return self._last_state
         # eager only: a compiled graph recomputes from its own inputs, and a checkpointed region
@@ -157,8 +184,9 @@ class RoutedLoraLinear(nn.Module):
         ids = as_task_ids(task_ids, self.n_tasks, self.router_logits.device)
         if self.training and self.config.seed is not None and not _recomputing():
             self.advance_noise()  # a direct call is a batch of its own
-        state = self._state
-        return batch_rows(ids, lead, state.expand if state is not None else 1)
+        state = self._block_state()
+        return batch_rows(ids, lead, state.expand if state is not None else 1,
+                          unchecked=self.n_tasks if torch.compiler.is_compiling() else None)
 
     @torch.no_grad()
     def advance_noise(self) -> None:
@@ -218,7 +246,9 @@ class RoutedLoraLinear(nn.Module):
         return Routing(idx, w)
 
     def _noise_rows(self) -> Optional[Tuple[int, int]]:
-        state = self._state if self._state is not None else (self._last_state if _recomputing() else None)
+        state = self._block_state()
+        if state is None and _recomputing():
+            state = self._last_state
         return getattr(state, "noise_rows", None)
 
     def noise_generator_state(self) -> Optional[Tensor]:
@@ -238,7 +268,8 @@ class RoutedLoraLinear(nn.Module):
         with torch.no_grad():
             self._noise_step.copy_(state)
 
-    def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None) -> Routing:
+    def route(self, rows_task: Tensor, row_example: Optional[Tensor] = None, B: Optional[int] = None,
+              unchecked: Optional[UncheckedRows] = None) -> Routing:
         """Sparse routing rows for the given task of each row (float32 weights).
 
         ``row_example`` maps each row to its example (``None``: row ``ρ`` is example ``ρ``);
@@ -246,17 +277,28 @@ class RoutedLoraLinear(nn.Module):
         """
         if B is None:
             B = rows_task.shape[0] if row_example is None else int(row_example.max()) + 1
-        idx, w = self._route(rows_task, row_example, B)
+        idx, w = self._route(rows_task, row_example, B, unchecked=unchecked)
         return Routing(dense_index(*w.shape, device=w.device) if idx is None else idx, w)
 
     def _route(self, rows_task: Tensor, row_example: Optional[Tensor], B: int,
-               by_task: Optional[TokenRows] = None) -> Tuple[Optional[Tensor], Tensor]:
+               by_task: Optional[TokenRows] = None, unchecked: Optional[UncheckedRows] = None
+               ) -> Tuple[Optional[Tensor], Tensor]:
         """``(idx, w)`` of the rows; ``idx`` is ``None`` for the dense routers in torch (every skill in
-        order), the kernel's own index rows when a kernel routes (the kernels read them anyway)."""
-        cfg = self.config
+        order), the kernel's own index rows when a kernel routes (the kernels read them anyway).
+
+        ``unchecked``: the task ids' range was not checked; an out-of-range id (a negative one
+        would wrap around in indexing) must not read another task's row (see :class:`UncheckedRows`;
+        the routing kernels clamp and poison by themselves)."""
         routing = self._kernel_route(rows_task, row_example, by_task)
         if routing is not None:
             return tuple(routing)
+        if unchecked is None:
+            return self._torch_route(rows_task, row_example, B)
+        idx, w = self._torch_route(unchecked.rows(), row_example, B)
+        return idx, w + unchecked.poison()
+
+    def _torch_route(self, rows_task: Tensor, row_example: Optional[Tensor], B: int):
+        cfg = self.config
         _, h, m = self.router_logits.shape
         if cfg.router == "poly":
             noise = self._noise(B, row_example, h, m, rows_task.device)
@@ -285,7 +327,8 @@ class RoutedLoraLinear(nn.Module):
             hit = batch.routed.get(id(self))
             if hit is not None and hit[0] == stamp:
                 return hit[1]
-        out = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks))
+        out = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks),
+                          unchecked=batch.unchecked)
         if fixed:
             batch.routed[id(self)] = (stamp, out)
         return out
@@ -295,6 +338,11 @@ class RoutedLoraLinear(nn.Module):
     def _check_input(self, x) -> None:
         check_tensor("x", x, floating=True)
         w = self.base_layer.weight
+        built = (self.lora_A.shape[0] * self.lora_B.shape[3], self.lora_A.shape[0] * self.lora_A.shape[2])
+        if tuple(w.shape) != built:
+            raise ValueError(f"base_layer: weight has shape {tuple(w.shape)}, but the adapter was built for {built} "
+                             "(was a routed module resized, e.g. resize_token_embeddings with a routed lm_head? "
+                             "resize before routedlora.inject)")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x: expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         if x.device != w.device:

@@ -73,7 +73,7 @@ class MTALinear(RoutedLoraLinear):
         last.bias[0] = math.log(_INITIAL_TASK_SHARE * cfg.n_shared / (1 - _INITIAL_TASK_SHARE))
 
     def _routed(self, x, batch, base=None, weight=None, bias=None) -> Tensor:
-        routing = self.route(batch.rows_task, batch.row_example, batch.n_examples)
+        routing = self.route(batch.rows_task, batch.row_example, batch.n_examples, unchecked=batch.unchecked)
         x2 = self._lora_input(x)
         cfg = self.config
         if self.mta_stage == 1:
@@ -96,7 +96,7 @@ class MTALinear(RoutedLoraLinear):
                            weight=weight, bias=bias, backend=cfg.backend, validate=False)
 
     def _gate_weights(self, x: Tensor, x2: Tensor, routing, B: int) -> Tensor:
-        state = self._state
+        state = self._block_state()
         decoding = state is not None and state.decoding and x.dim() >= 3 and x.shape[1] == 1
         key = id(self)
         if B == 0:

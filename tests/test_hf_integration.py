@@ -352,6 +352,7 @@ def test_routing_context_is_restored():
     model = injected("llama")
     inputs = make_inputs("llama", B=2)
     before = dict(model.__dict__)
+    layer_attrs = {name: dict(layer.__dict__) for name, layer in routedlora.routed_layers(model)}
     with routedlora.routing(model, [0, 1]) as state:
         assert dict(model.__dict__) == before  # the block changes no attribute of the model
         assert torch.equal(state.task_ids, torch.tensor([0, 1]))
@@ -361,7 +362,8 @@ def test_routing_context_is_restored():
                 assert_differs(run(model, inputs), inner)
             torch.testing.assert_close(run(model, inputs), inner, rtol=0, atol=0)
     assert dict(model.__dict__) == before
-    assert all(layer._state is None for _, layer in routedlora.routed_layers(model))
+    assert all(routedlora.context.current(layer) is None for _, layer in routedlora.routed_layers(model))
+    assert all(dict(layer.__dict__) == layer_attrs[name] for name, layer in routedlora.routed_layers(model))
     with pytest.raises(ValueError, match="routing"):
         run(model, inputs)
     routedlora.eject(model)

@@ -402,3 +402,22 @@ def test_out_of_range_task_ids_give_nan_weights_in_the_router_kernel():
     for kind, kw in (("poly", {}), ("softmax", {}), ("topk", dict(k=2))):
         _, w = triton_backend.route(logits, rows_task, kind=kind, **kw)
         assert torch.isnan(w[[1, 3]]).all() and torch.isfinite(w[[0, 2]]).all(), kind
+
+
+@pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
+def test_a_non_finite_skill_nobody_selects_changes_nothing(combine, h):
+    # the kernels read the selected skills only: a NaN or Inf elsewhere never reaches a token
+    g = torch.Generator().manual_seed(6)
+    N, d, o, r, m, R, K = 12, 8 * h, 6 * h, 3, 5, 4, 2
+    x = torch.randn(N, d, generator=g).to(DEVICE)
+    A = (torch.randn(h, m, d // h, r, generator=g) * 0.3).to(DEVICE)
+    B = (torch.randn(h, m, r, o // h, generator=g) * 0.3).to(DEVICE)
+    idx = torch.stack([torch.randperm(m - 1, generator=g)[:K] for _ in range(R * h)]).view(R, h, K).to(DEVICE)
+    w = torch.rand(R, h, K, generator=g).to(DEVICE)
+    rid = (torch.arange(N) % R).to(DEVICE)
+    A2, B2 = A.clone(), B.clone()
+    A2[:, m - 1] = float("nan")
+    B2[:, m - 1] = float("inf")
+    ref = routed_lora(x, A, B, idx, w, rid, scale=0.5, combine=combine, backend="triton")
+    out = routed_lora(x, A2, B2, idx, w, rid, scale=0.5, combine=combine, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -27,6 +27,7 @@ one extra shrink GEMM, with the same transient peak.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,6 +36,28 @@ from torch import Tensor
 
 NEEDS_ROUTE_IDS = True
 NEEDS_GROUPING = False
+READS_EVERY_SKILL = True  # dense GEMMs over all skills: sparse routing goes through selected_only
+
+
+def selected_only(A: Tensor, B: Tensor, idx: Tensor, w: Tensor):
+    """``(A, B, idx, w, ok)`` for sparse routing such that a token reads only the skills its row selects.
+
+    The torch algorithms run every skill through dense GEMMs and weight the unselected ones
+    by zero, and ``0 × NaN`` is NaN: a NaN in a skill nobody selects would poison every
+    token. So non-finite skills are zeroed, and a slot that selects one, or an index out of
+    ``[0, m)``, gets a NaN weight instead (``ok`` is False there): exactly the tokens of that
+    row come out NaN, the contract of the Triton and CUDA kernels. Transient: the op calls
+    it in forward and again in backward rather than saving parameter-sized copies.
+    """
+    h, m = A.shape[:2]
+    finite = (torch.linalg.vector_norm(A, ord=math.inf, dim=(2, 3)).isfinite()
+              & torch.linalg.vector_norm(B, ord=math.inf, dim=(2, 3)).isfinite())  # (h, m)
+    safe = idx.long().clamp(0, max(m - 1, 0))
+    heads = torch.arange(h, device=idx.device).view(1, h, 1)
+    ok = (idx >= 0) & (idx < m) & finite[heads, safe]
+    A = torch.where(finite[:, :, None, None], A, 0)
+    B = torch.where(finite[:, :, None, None], B, 0)
+    return A, B, safe, torch.where(ok, w, math.nan), ok
 
 
 def dense_rows(idx: Optional[Tensor], w: Tensor, n_skills: int, dtype) -> Tensor:

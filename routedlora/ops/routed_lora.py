@@ -6,6 +6,7 @@ selected skill and mixes the outputs. See DESIGN.md §1 for the formulas.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from ..backends import resolve_backend
 from ..validation import check_index_range, check_same_device, check_tensor
+from .rank_space import selected_only
 from .rows import TokenRows
 
 COMBINES = ("params", "outputs")
@@ -55,8 +57,11 @@ class RoutedLoraFunction(torch.autograd.Function):
         if any(needs):
             rows = _rows(x, w.shape[0], ctx.seq_len, route_ids, order, srows, offs)
             base_dx = dict(weight=weight) if fused else dict(dx=dx)  # fused: the kernel computes g W too
+            A, B, idx, w, ok = _selected_only(ctx.impl, A, B, idx, w)
             dx, dA, dB, dw = ctx.impl.backward(grad, x, A, B, idx, w, rows, ctx.scale, ctx.combine, saved, needs,
                                                **base_dx)
+            if ok is not None and dw is not None:  # a poisoned slot's weight did not reach the output
+                dw = torch.where(ok, dw, 0)
         dweight = grad.t().mm(x).to(weight.dtype) if nig[6] else None
         dbias = grad.sum(0) if nig[7] else None
         return (dx, dA, dB, None, dw, grad if nig[5] else None, dweight, dbias) + (None,) * 8
@@ -67,7 +72,16 @@ def _fuses_linear(impl) -> bool:
     return getattr(impl, "FUSES_LINEAR", False)
 
 
+def _selected_only(impl, A, B, idx, w):
+    """What an algorithm whose GEMMs read every skill computes sparse routing from (see
+    ``rank_space.selected_only``); ``ok`` is None where nothing changes."""
+    if idx is None or not getattr(impl, "READS_EVERY_SKILL", False):
+        return A, B, idx, w, None
+    return selected_only(A, B, idx, w)
+
+
 def _forward(impl, x, A, B, idx, w, rows, base, weight, bias, scale, combine):
+    A, B, idx, w, _ = _selected_only(impl, A, B, idx, w)
     own_base = weight is not None
     if own_base and _fuses_linear(impl):
         return impl.forward(x, A, B, idx, w, rows, scale, combine, linear=(weight, bias))
@@ -230,6 +244,8 @@ def routed_lora(x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor]
     The torch backend picks its algorithm per call from the shape
     (:func:`routedlora.ops.plan.choose`): row-mixed for long rows, rank space for short ones.
     """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale: expected a finite number (γ = alpha / r), got {scale!r}")
     if validate:  # what the token rows are built from, before they are
         check_tensor("x", x, ndim=2, floating=True)
         check_tensor("w", w, ndim=3, floating=True)

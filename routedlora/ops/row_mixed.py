@@ -29,6 +29,7 @@ from .rank_space import dense_rows, sparse_index
 
 NEEDS_ROUTE_IDS = False
 NEEDS_GROUPING = False
+READS_EVERY_SKILL = True  # the params mix is a dense GEMM over all skills (see rank_space.selected_only)
 
 
 def _scaled_bmm(a: Tensor, b: Tensor, scale: float) -> Tensor:
