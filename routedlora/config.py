@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 from .backends import check_backend
-from .validation import check_positive
+from .validation import check_bool, check_int, check_module_names, check_number, check_positive, check_str
 
 ROUTER_KINDS = ("poly", "softmax", "topk", "cpoly", "mta")
 _DEFAULT_COMBINE = {"poly": "params", "softmax": "params", "cpoly": "params", "topk": "outputs", "mta": "outputs"}
@@ -71,13 +71,20 @@ class RoutedLoraConfig:
     init_weights: bool = True
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = sorted(self.target_modules)
-        if not isinstance(self.target_modules, (list, str)) or not self.target_modules:
-            raise ValueError(f"target_modules: expected a non-empty list of names or a regex string, "
-                             f"got {self.target_modules!r}")
-        for name in ("n_tasks", "n_skills", "r", "n_heads", "top_k", "gate_hidden"):
+        # Every field is checked here, at construction: a wrong type that slipped through
+        # (seed="abc", gumbel="no", alpha=nan) would otherwise fail far away, or not fail
+        # at all and silently compute something else.
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if isinstance(value, (tuple, set, frozenset)):
+                check_module_names(field, list(value), allow_empty=field == "exclude_modules")
+                setattr(self, field, sorted(value))  # sorted: a set has no order, and JSON has no sets
+        check_module_names("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            check_module_names("exclude_modules", self.exclude_modules, allow_empty=True)
+        for name in ("n_tasks", "n_skills", "r", "n_heads", "top_k", "gate_hidden", "n_specific", "n_shared"):
             check_positive(name, getattr(self, name), integer=True)
+        check_str("router", self.router)
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router: expected one of {ROUTER_KINDS}, got {self.router!r}")
         if self.combine is None:
@@ -90,16 +97,17 @@ class RoutedLoraConfig:
             raise ValueError(f"n_heads: combine='outputs' takes one head, got {self.n_heads}")
         if self.temperature is None:
             self.temperature = 0.1 if self.router == "mta" else 1.0
-        check_positive("temperature", self.temperature)
-        check_positive("alpha", self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        check_number("temperature", self.temperature, positive=True)
+        check_number("alpha", self.alpha, positive=True)
+        check_number("dropout", self.dropout, nonnegative=True)
+        if not self.dropout < 1.0:
             raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        for name in ("gumbel", "renormalize", "init_weights"):
+            check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, optional=True)
         if self.router in ("topk", "mta") and self.top_k > self.n_skills:
             raise ValueError(f"top_k: {self.top_k} exceeds n_skills={self.n_skills}")
-        if self.router == "cpoly":
-            check_positive("n_specific", self.n_specific, integer=True)
-        if self.router == "mta":
-            check_positive("n_shared", self.n_shared, integer=True)
+        check_str("backend", self.backend)
         check_backend(self.backend)
 
     @property
@@ -121,10 +129,17 @@ class RoutedLoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoutedLoraConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """The config :meth:`to_dict` wrote; errors name the field."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict of fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}")
+        missing = sorted(n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"config: missing required fields {missing}")
         return cls(**d)
 
     def replace(self, **changes) -> "RoutedLoraConfig":

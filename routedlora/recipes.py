@@ -15,14 +15,22 @@ from torch import nn
 
 from .inject import _CONFIG_ATTR, _require_layers, model_config, set_trainable
 from .mta import MTALinear
+from .validation import check_number
 
 
-def _update_config(model: nn.Module, layers, **changes) -> None:
-    for layer in layers:
-        layer.config = layer.config.replace(**changes)
+def _updated_configs(model: nn.Module, layers, **changes):
+    """The configs after ``changes``, built (and so validated) before anything is assigned."""
+    new = [(layer, layer.config.replace(**changes)) for layer in layers]
     config = model_config(model)
+    return new, (config.replace(**changes) if config is not None else None)
+
+
+def _assign_configs(model: nn.Module, updated) -> None:
+    new, config = updated
+    for layer, cfg in new:
+        layer.config = cfg
     if config is not None:
-        setattr(model, _CONFIG_ATTR, config.replace(**changes))
+        setattr(model, _CONFIG_ATTR, config)
 
 
 def _check_not_merged(layers) -> None:
@@ -33,7 +41,14 @@ def _check_not_merged(layers) -> None:
 
 def param_groups(model: nn.Module, lr: float, router_lr: Optional[float] = None,
                  weight_decay: float = 0.0) -> List[dict]:
-    """Optimizer groups: trainable skill/gate parameters at ``lr``, routing logits at ``router_lr``."""
+    """Optimizer groups: trainable skill/gate parameters at ``lr``, routing logits at ``router_lr``.
+
+    Changes nothing; ``lr``, ``router_lr`` and ``weight_decay`` must be finite numbers >= 0.
+    """
+    check_number("lr", lr, nonnegative=True)
+    if router_lr is not None:
+        check_number("router_lr", router_lr, nonnegative=True)
+    check_number("weight_decay", weight_decay, nonnegative=True)
     layers = _require_layers(model)
     logits = {id(layer.router_logits) for layer in layers}
     skills, routers = [], []
@@ -56,22 +71,32 @@ def mhr_z(model: nn.Module, n_new_tasks: int = 0) -> List[int]:
     Poly's init, U(±1e-3)) and their task ids are returned. Recreate the
     optimizer afterwards: the logits are new parameters.
     """
-    layers = _require_layers(model)
-    _check_not_merged(layers)
     if isinstance(n_new_tasks, bool) or not isinstance(n_new_tasks, int) or n_new_tasks < 0:
         raise ValueError(f"n_new_tasks: expected an int >= 0, got {n_new_tasks!r}")
+    layers = _require_layers(model)
+    _check_not_merged(layers)
     if n_new_tasks and any(layer.config.router in ("cpoly", "mta") for layer in layers):
         raise ValueError("n_new_tasks: new tasks need new task-private skills under cpoly/mta; "
                          "only poly, softmax and topk layers can add routing rows")
-    old = layers[0].n_tasks
+    counts = sorted({layer.n_tasks for layer in layers})
+    if n_new_tasks and len(counts) > 1:
+        raise ValueError(f"model: its routed layers route different numbers of tasks {counts}; new task ids "
+                         "would not mean the same rows in every layer")
+    old = counts[0]
+    updated = _updated_configs(model, layers, n_tasks=old + n_new_tasks) if n_new_tasks else None
+    new_logits = []
     for layer in layers:
         if n_new_tasks:
             rows = torch.empty(n_new_tasks, *layer.router_logits.shape[1:], device=layer.router_logits.device,
                                dtype=layer.router_logits.dtype).uniform_(-1e-3, 1e-3)
-            layer.router_logits = nn.Parameter(torch.cat([layer.router_logits.data, rows]))
+            new_logits.append(nn.Parameter(torch.cat([layer.router_logits.data, rows])))
+    # everything is built: assign
+    for i, layer in enumerate(layers):
+        if n_new_tasks:
+            layer.router_logits = new_logits[i]
         layer.trainable_params = ("router_logits",)
-    if n_new_tasks:
-        _update_config(model, layers, n_tasks=old + n_new_tasks)
+    if updated is not None:
+        _assign_configs(model, updated)
     set_trainable(model)
     return list(range(old, old + n_new_tasks))
 
@@ -87,15 +112,19 @@ def mhr_mu(model: nn.Module) -> nn.Module:
     _check_not_merged(layers)
     if any(isinstance(layer, MTALinear) for layer in layers):
         raise ValueError("model: MHR-μ averages Poly/MHR skills; MTA layers are not supported")
-    for layer in layers:
-        layer.lora_A = nn.Parameter(layer.lora_A.data.mean(dim=1, keepdim=True))
-        layer.lora_B = nn.Parameter(layer.lora_B.data.mean(dim=1, keepdim=True))
-        logits = layer.router_logits
-        layer.router_logits = nn.Parameter(torch.zeros(logits.shape[0], logits.shape[1], 1, device=logits.device,
-                                                       dtype=logits.dtype))
-        layer.trainable_params = ("lora_A", "lora_B")
     # softmax over one skill is exactly 1; params combine of one skill is plain LoRA.
-    _update_config(model, layers, router="softmax", combine="params", n_skills=1, temperature=1.0)
+    updated = _updated_configs(model, layers, router="softmax", combine="params", n_skills=1, temperature=1.0)
+    new = []
+    for layer in layers:
+        logits = layer.router_logits
+        new.append((nn.Parameter(layer.lora_A.data.mean(dim=1, keepdim=True)),
+                    nn.Parameter(layer.lora_B.data.mean(dim=1, keepdim=True)),
+                    nn.Parameter(torch.zeros(logits.shape[0], logits.shape[1], 1, device=logits.device,
+                                             dtype=logits.dtype))))
+    for layer, (A, B, logits) in zip(layers, new):
+        layer.lora_A, layer.lora_B, layer.router_logits = A, B, logits
+        layer.trainable_params = ("lora_A", "lora_B")
+    _assign_configs(model, updated)
     set_trainable(model)
     return model
 
