@@ -11,13 +11,7 @@ from routedlora.training.models import default_targets, tiny_llama, tiny_t5
 
 TASK_NAMES = ["copy", "reverse", "shift"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread beats two on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(sizes=(40, 20, 10), seed=0):

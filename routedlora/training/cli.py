@@ -23,7 +23,7 @@ from .distributed import PARALLEL, init_distributed
 from .models import TINY, build_model, default_targets
 from .recipes import RECIPES, adapter_parameters, apply_recipe
 from .sampler import MIXING
-from .trainer import SCHEDULES, MultiTaskTrainer, TrainConfig
+from .trainer import SCHEDULES, MultiTaskTrainer, TrainConfig, read_manifest
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=None)
     g.add_argument("--output-dir", default=None)
     g.add_argument("--resume", default=None, help="checkpoint directory (step_<n>/ or final/) to resume from")
+    g.add_argument("--resume-allow-config-change", action="store_true",
+                   help="resume even though options that change the computation (--lr, --batch-size, --alpha, "
+                        "...) differ from the checkpoint's (the adapter's shape must still match)")
     g.add_argument("--parallel", default="none", choices=PARALLEL, help="under torchrun: ddp or fsdp")
     g.add_argument("--dist-backend", default=None, help="gloo | nccl (default: nccl with CUDA, else gloo)")
     g.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
@@ -134,6 +137,10 @@ def build(args, log=print):
 
         if args.model in TINY:
             raise ValueError("--data: a JSONL file needs a Hugging Face --model whose tokenizer reads it")
+        if not os.path.isfile(args.data):  # before the tokenizer, which may have to be downloaded
+            if os.path.isdir(args.data):
+                raise ValueError(f"--data: {args.data} is a directory, expected a JSONL file")
+            raise FileNotFoundError(f"--data: {args.data}: no such file")
         tok = AutoTokenizer.from_pretrained(args.model)
         data = load_jsonl(args.data, tok)
         names = list(data)
@@ -185,24 +192,36 @@ def build(args, log=print):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        trainer = build(args)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    trainer.train(resume_from=args.resume)
-    final = trainer.history["eval"][-1]["tasks"] if trainer.history["eval"] else {}
-    if trainer.rank == 0 and final:
-        print("final evaluation (held-out, teacher-forced greedy):")
-        for name, v in final.items():
-            print(f"  {name:10s} loss {v['loss']:.4f}  token acc {v['token_acc']:.4f}  exact match {v['exact']:.4f}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"recipe": args.recipe, "eval": final, "loss": trainer.history["loss"]}, f)
+    if args.resume_allow_config_change and not args.resume:
+        parser().error("--resume-allow-config-change: needs --resume")
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        if args.resume:  # a wrong path fails now, not after the model is built (or downloaded)
+            read_manifest(args.resume)
+        trainer = build(args)
+        trainer.train(resume_from=args.resume, allow_config_change=args.resume_allow_config_change)
+        final = trainer.history["eval"][-1]["tasks"] if trainer.history["eval"] else {}
+        if trainer.rank == 0 and final:
+            print("final evaluation (held-out, teacher-forced greedy):")
+            for name, v in final.items():
+                print(f"  {name:10s} loss {v['loss']:.4f}  token acc {v['token_acc']:.4f}  "
+                      f"exact match {v['exact']:.4f}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"recipe": args.recipe, "eval": final, "loss": trainer.history["loss"]}, f)
+    except (ValueError, TypeError, OSError) as e:
+        # a user's mistake (options, data, checkpoint, paths): one line, no traceback
+        # (ROUTEDLORA_TRACEBACK=1 shows it, for a bug report)
+        if os.environ.get("ROUTEDLORA_TRACEBACK", "") not in ("", "0"):
+            raise
+        where = f" (rank {os.environ.get('RANK', '?')})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+        message = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+        print(f"error{where}: {message}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -12,6 +12,7 @@ apart (a fair baseline); ``task_prefix=False`` leaves only the routing to do it.
 from __future__ import annotations
 
 import json
+import os
 import random
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -92,24 +93,61 @@ def synthetic_tasks(names: Sequence[str], sizes, *, length: int = 6, seed: int =
 
 
 def load_jsonl(path: str, tokenizer, *, add_eos: bool = True) -> Dict[str, List[Dict[str, List[int]]]]:
-    """Read ``{"task": ..., "input": ..., "target": ...}`` lines, tokenised with a Hugging Face tokenizer."""
+    """Read ``{"task": ..., "input": ..., "target": ...}`` lines, tokenised with a Hugging Face tokenizer.
+
+    Blank lines are skipped; any other line that is not a JSON object with string ``task``
+    (non-empty), ``input`` and ``target`` raises ``ValueError`` naming ``file:line``.
+    A missing file raises ``FileNotFoundError``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: {path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path} is a directory, expected a JSONL file")
     tasks: Dict[str, List[Dict[str, List[int]]]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    # bytes, decoded line by line: a decoding error can then name its line
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"path: {path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if lineno == 1:
+                line = line.lstrip("\ufeff")  # editors on Windows start files with a byte-order mark
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object with task, input and target, "
+                                 f"got a JSON {_json_kind(rec)}")
             missing = {"task", "input", "target"} - set(rec)
             if missing:
-                raise ValueError(f"path: {path}:{lineno} lacks fields {sorted(missing)}")
+                raise ValueError(f"{where} lacks fields {sorted(missing)}")
+            for key in ("task", "input", "target"):
+                if not isinstance(rec[key], str):
+                    raise ValueError(f"{where}: {key} must be a string, got {_json_kind(rec[key])} "
+                                     f"{json.dumps(rec[key])[:40]}")
+            if not rec["task"]:
+                raise ValueError(f"{where}: task is an empty string")
             prompt = tokenizer(rec["input"], add_special_tokens=False)["input_ids"]
             target = tokenizer(rec["target"], add_special_tokens=False)["input_ids"]
             if add_eos and tokenizer.eos_token_id is not None:
                 target = target + [tokenizer.eos_token_id]
-            tasks.setdefault(str(rec["task"]), []).append({"prompt": prompt, "target": target})
+            if not target:
+                raise ValueError(f"{where}: target has no tokens (nothing to learn from this line)")
+            tasks.setdefault(rec["task"], []).append({"prompt": prompt, "target": target})
     if not tasks:
         raise ValueError(f"path: {path} holds no examples")
     return tasks
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def collate(examples: Sequence[Mapping[str, Sequence[int]]], *, pad_id: int = 0,

@@ -51,6 +51,37 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int]:
     return rank_world()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group of several ranks)."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def first_error(message: Optional[str]) -> Optional[str]:
+    """Every rank learns the lowest rank's error message (``None`` when no rank had one).
+
+    A collective, so that when one rank fails a multi-rank step the others raise too
+    instead of waiting forever at the next barrier.
+    """
+    rank, world = rank_world()
+    if world == 1:
+        return message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    for r, m in enumerate(messages):
+        if m is not None:
+            return m if r == rank else f"rank {r}: {m}"
+    return None
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
 def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
     """``DistributedDataParallel(model)`` (GPU: on the current device). Route on ``model``, call the wrapper."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -110,4 +141,5 @@ def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
             param.copy_(value.to(param.device, param.dtype))
 
 
-__all__ = ["PARALLEL", "copy_full_", "full_tensor", "init_distributed", "rank_world", "shard_fsdp2", "wrap_ddp"]
+__all__ = ["PARALLEL", "barrier", "broadcast_object", "copy_full_", "first_error", "full_tensor",
+           "init_distributed", "rank_world", "shard_fsdp2", "wrap_ddp"]

@@ -103,15 +103,51 @@ class TaskSampler:
                 "cursor": list(self._cursor), "epochs": list(self.epochs), "sizes": list(self.sizes),
                 "probs": self.probs.clone()}
 
-    def load_state_dict(self, state: Dict) -> None:
-        if list(state["sizes"]) != self.sizes:
-            raise ValueError(f"state: sampler was saved for task sizes {state['sizes']}, this one has {self.sizes}")
-        if not torch.equal(state["probs"], self.probs):
+    def check_state_dict(self, state, *, allow_new_mixing: bool = False) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would reject ``state``; changes nothing.
+
+        ``allow_new_mixing`` accepts a state saved under other mixing weights (the order of
+        examples within each task carries over; new tasks are drawn with this sampler's weights).
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected a sampler state dict, got {type(state).__name__}")
+        missing = sorted({"generator", "order", "cursor", "epochs", "sizes", "probs"} - set(state))
+        if missing:
+            raise ValueError(f"state: sampler state lacks {missing}")
+        sizes = state["sizes"]
+        if not isinstance(sizes, (list, tuple)) or list(sizes) != self.sizes:
+            raise ValueError(f"state: sampler was saved for task sizes {sizes}, this one has {self.sizes}")
+        probs = state["probs"]
+        if not allow_new_mixing and not (isinstance(probs, torch.Tensor) and probs.dtype == self.probs.dtype
+                                         and probs.shape == self.probs.shape and torch.equal(probs, self.probs)):
             raise ValueError("state: sampler was saved with different mixing weights")
+        gen = state["generator"]
+        if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+            raise ValueError("state: sampler generator state is not a uint8 tensor")
+        try:  # a scratch generator tells whether the bytes are a valid state
+            torch.Generator().set_state(gen)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"state: sampler generator state is invalid ({str(e).splitlines()[0]})") from None
+        T = self.n_tasks
+        for key in ("order", "cursor", "epochs"):
+            if not isinstance(state[key], (list, tuple)) or len(state[key]) != T:
+                raise ValueError(f"state: sampler {key} must hold one entry per task ({T})")
+        for t, (order, cursor, epochs) in enumerate(zip(state["order"], state["cursor"], state["epochs"])):
+            n = self.sizes[t]
+            if order is not None and not (isinstance(order, torch.Tensor) and order.dtype == torch.long
+                                          and tuple(order.shape) == (n,)
+                                          and torch.equal(order.sort().values, torch.arange(n))):
+                raise ValueError(f"state: sampler order of task {t} is not a permutation of its {n} examples")
+            if isinstance(cursor, bool) or not isinstance(cursor, int) or not 0 <= cursor <= n:
+                raise ValueError(f"state: sampler cursor of task {t} is {cursor!r}, expected an int in [0, {n}]")
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+                raise ValueError(f"state: sampler epoch count of task {t} is {epochs!r}, expected an int >= 0")
+
+    def load_state_dict(self, state: Dict, *, allow_new_mixing: bool = False) -> None:
+        self.check_state_dict(state, allow_new_mixing=allow_new_mixing)
         self.generator.set_state(state["generator"])
         self._order = list(state["order"])
         self._cursor = list(state["cursor"])
         self.epochs = list(state["epochs"])
-
 
 __all__ = ["MIXING", "TaskSampler", "mixing_probs"]

@@ -9,14 +9,19 @@ being right) are logged every ``log_every`` steps, and per-step losses are kept 
 
 Checkpoints hold only the adapter (``adapter.safetensors``, loadable with
 :func:`routedlora.load_adapter`) and the trainer state (optimizer, sampler, RNG states,
-step) per rank: resuming replays exactly the loss sequence of an uninterrupted run.
+step) per rank: resuming replays exactly the loss sequence of an uninterrupted run. A
+``manifest.json`` lists each file's sha256 and size and the configs; a checkpoint is
+written to a hidden sibling directory and renamed into place, and resuming checks all
+of it before it changes anything.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -28,11 +33,16 @@ from torch import nn
 from ..checkpoint import _FORMAT
 from ..inject import model_config, routed_layers, routing, set_trainable
 from ..recipes import mta_stage2, param_groups
+from .checkpoint_files import (ABSENT, ADAPTER_FILE, CHECKPOINT_FORMAT, FREE_ROUTED_FIELDS, FREE_TRAIN_FIELDS,
+                               MANIFEST_FILE, STRUCTURAL_ROUTED_FIELDS, check_optimizer_state, check_replaceable,
+                               file_digest, fsync_dir, install, make_sibling_dir, raise_on_any_rank, read_manifest,
+                               safetensors_metadata, state_file, valid_generator_state, verified_bytes, version,
+                               write_durably)
 from .data import collate
-from .distributed import PARALLEL, copy_full_, full_tensor, rank_world, shard_fsdp2, wrap_ddp
+from .distributed import (PARALLEL, broadcast_object, copy_full_, first_error, full_tensor, rank_world,
+                          shard_fsdp2, wrap_ddp)
 from .sampler import MIXING, TaskSampler
 
-ADAPTER_FILE = "adapter.safetensors"
 SCHEDULES = ("constant", "linear", "cosine")
 TASK_ROUTING = ("task", "shared")
 
@@ -84,33 +94,56 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Checked here, not at first use: a bad value found at step 10,000 (or only in the
+        # resumed run) costs the whole run.
         for name in ("steps", "batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            _check_int(self, name, low=1)
         for name in ("warmup_steps", "task_offset", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+            _check_int(self, name, low=0)
         for name in ("eval_every", "save_every", "mta_stage2_at"):
+            _check_int(self, name, low=0, optional=True)
+        _check_int(self, "mixing_cap", low=1, optional=True)
+        _check_int(self, "seed", low=0, high=2 ** 63 - 1)
+        for name in ("lr", "mixing_temperature"):
+            _check_number(self, name, positive=True)
+        for name in ("router_lr", "max_grad_norm"):
+            _check_number(self, name, positive=True, optional=True)
+        _check_number(self, "weight_decay", positive=False)
+        for name, choices in (("schedule", SCHEDULES), ("mixing", MIXING), ("task_routing", TASK_ROUTING),
+                              ("parallel", PARALLEL)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{name}: expected an int >= 0 or None, got {v!r}")
-        for name in ("lr", "router_lr", "weight_decay", "max_grad_norm", "mixing_temperature"):
-            v = getattr(self, name)
-            if v is None and name in ("router_lr", "max_grad_norm"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                    v == 0 and name != "weight_decay"):
-                raise ValueError(f"{name}: expected a positive number, got {v!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        if self.mixing not in MIXING:
-            raise ValueError(f"mixing: expected one of {MIXING}, got {self.mixing!r}")
-        if self.task_routing not in TASK_ROUTING:
-            raise ValueError(f"task_routing: expected one of {TASK_ROUTING}, got {self.task_routing!r}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel: expected one of {PARALLEL}, got {self.parallel!r}")
+            if not isinstance(v, str) or v not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
+        if self.output_dir is not None:
+            if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+                raise ValueError(f"output_dir: expected a non-empty path or None, got {self.output_dir!r}")
+            self.output_dir = os.fspath(self.output_dir)
+            if not isinstance(self.output_dir, str):
+                raise ValueError(f"output_dir: expected a text path, got {self.output_dir!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress: expected True or False, got {self.progress!r}")
+
+
+def _check_int(config, name: str, *, low: int, high: Optional[int] = None, optional: bool = False) -> None:
+    v = getattr(config, name)
+    if v is None and optional:
+        return
+    # numpy / torch integer scalars are accepted and stored as int (the config goes to JSON)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (high is not None and v > high):
+        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name}: expected {bound}{' or None' if optional else ''}, got {v!r}")
+    setattr(config, name, int(v))
+
+
+def _check_number(config, name: str, *, positive: bool, optional: bool = False) -> None:
+    v = getattr(config, name)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (
+            positive and v == 0):
+        what = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{name}: expected {what}{' or None' if optional else ''}, got {v!r}")
+    setattr(config, name, v if isinstance(v, int) else float(v))
 
 
 def example_metrics(logits: torch.Tensor, labels: torch.Tensor, *, encoder_decoder: bool):
@@ -367,12 +400,16 @@ class MultiTaskTrainer:
 
     # --- the loop ----------------------------------------------------------------
 
-    def train(self, resume_from: Optional[str] = None) -> Dict[str, list]:
-        """Train up to ``config.steps`` steps (from a checkpoint directory if given); returns the history."""
+    def train(self, resume_from: Optional[str] = None, *, allow_config_change: bool = False) -> Dict[str, list]:
+        """Train up to ``config.steps`` steps (from a checkpoint directory if given); returns the history.
+
+        ``allow_config_change``: resume even though options that change the computation
+        differ from the checkpoint's (see :meth:`load_checkpoint`).
+        """
         from tqdm.auto import tqdm
 
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            self.load_checkpoint(resume_from, allow_config_change=allow_config_change)
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or self.rank != 0,
                    desc="routedlora", dynamic_ncols=True)
@@ -404,87 +441,319 @@ class MultiTaskTrainer:
             for p, t in layer.adapter_state().items():
                 yield f"{name}.{p}", t
 
+    def _stages(self) -> Dict[str, int]:
+        return {name: getattr(layer, "mta_stage", 1) for name, layer in routed_layers(self.model)}
+
     def save_checkpoint(self, path: str) -> None:
-        """Write ``adapter.safetensors`` (rank 0; whole tensors) and ``trainer_state.rank<r>.pt`` (every rank)."""
-        from safetensors.torch import save_file
+        """Write a checkpoint directory atomically: ``path`` holds the old or the new one, never a mix.
+
+        Everything goes to a hidden sibling directory first: ``adapter.safetensors`` (rank 0;
+        whole tensors), ``trainer_state.rank<r>.pt`` (every rank), then ``manifest.json``
+        (sha256 and size of each file, step, world size, routed and training configs), each
+        fsynced; the directory then takes ``path``'s place in one rename (an existing
+        checkpoint at ``path`` is swapped out and deleted). An existing ``path`` that holds
+        anything but checkpoint files is refused. With several ranks, ``path`` must be on a
+        file system every rank sees, and every rank must call this.
+        """
+        from safetensors.torch import save as safetensors_bytes
 
         self._flush_losses()
         tensors = {k: full_tensor(t.detach()).contiguous().cpu() for k, t in self._adapter_params()}
+        path = os.path.normpath(os.fspath(path))
+        parent, name = os.path.split(path)
+        parent = parent or "."
+        tmp, err = None, None
         if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            stages = {name: getattr(layer, "mta_stage", 1) for name, layer in routed_layers(self.model)}
-            meta = {"format": _FORMAT, "config": model_config(self.model).to_json(), "stages": json.dumps(stages)}
-            save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata=meta)
-        if self.world > 1:
-            dist.barrier()
-        os.makedirs(path, exist_ok=True)
-        state = {
-            "step": self.step, "world_size": self.world, "task_names": self.task_names,
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-            "layer_rng": {name: layer.noise_generator_state() for name, layer in routed_layers(self.model)},
-            "history": self.history, "stats": self._stats.cpu(), "config": dataclasses.asdict(self.config),
+            try:
+                check_replaceable(path)
+                os.makedirs(parent, exist_ok=True)
+                tmp = make_sibling_dir(parent, f".{name}.tmp-{os.getpid()}-")
+            except (OSError, ValueError) as e:
+                err = e
+        raise_on_any_rank(err, path)
+        tmp = broadcast_object(tmp)
+        try:
+            if self.rank == 0:
+                meta = {"format": _FORMAT, "config": model_config(self.model).to_json(),
+                        "stages": json.dumps(self._stages())}
+                write_durably(os.path.join(tmp, ADAPTER_FILE), safetensors_bytes(tensors, metadata=meta))
+            state = {
+                "step": self.step, "world_size": self.world, "task_names": self.task_names,
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "layer_rng": {name: layer.noise_generator_state() for name, layer in routed_layers(self.model)},
+                "history": self.history, "stats": self._stats.cpu(), "config": dataclasses.asdict(self.config),
+            }
+            write_durably(os.path.join(tmp, state_file(self.rank)), lambda f: torch.save(state, f))
+            err = None
+        except Exception as e:  # any failure: every rank must stop, and the temporary directory go
+            err = e
+
+        def cleanup():
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        try:
+            raise_on_any_rank(err, path, cleanup)
+            err = None
+            if self.rank == 0:
+                try:
+                    self._write_manifest(tmp)
+                    install(tmp, path)
+                except Exception as e:
+                    err = e
+            raise_on_any_rank(err, path, cleanup)
+        except BaseException:  # KeyboardInterrupt too: no half-written directory stays behind
+            cleanup()
+            raise
+
+    def _write_manifest(self, tmp: str) -> None:
+        names = sorted(os.listdir(tmp))
+        expected = [ADAPTER_FILE] + [state_file(r) for r in range(self.world)]
+        missing = [n for n in expected if n not in names]
+        if missing:
+            raise OSError(f"{tmp}: {missing} not written (every rank must see the same file system)")
+        manifest = {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world,
+            "task_names": list(self.task_names),
+            "routed_config": json.loads(model_config(self.model).to_json()),
+            "train_config": json.loads(json.dumps(dataclasses.asdict(self.config))),
+            "files": {n: file_digest(os.path.join(tmp, n)) for n in names},
+            "versions": {"routedlora": version(), "torch": torch.__version__},
         }
-        torch.save(state, os.path.join(path, f"trainer_state.rank{self.rank}.pt"))
-        if self.world > 1:
-            dist.barrier()
+        text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+        write_durably(os.path.join(tmp, MANIFEST_FILE), text.encode())
+        fsync_dir(tmp)
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore adapter, optimizer, sampler, RNG states and step from :meth:`save_checkpoint`'s directory."""
-        from safetensors import safe_open
+    def load_checkpoint(self, path: str, *, allow_config_change: bool = False) -> None:
+        """Restore adapter, optimizer, sampler, RNG states and step from :meth:`save_checkpoint`'s directory.
 
-        state_file = os.path.join(path, f"trainer_state.rank{self.rank}.pt")
-        adapter_file = os.path.join(path, ADAPTER_FILE)
-        for f in (state_file, adapter_file):
-            if not os.path.isfile(f):
-                raise ValueError(f"resume_from: {path} has no {os.path.basename(f)}")
+        Everything is checked before anything changes; on any problem a ``ValueError``
+        naming the file and the problem is raised (``FileNotFoundError`` for a missing
+        directory) and the trainer and model are as they were: the manifest and each file's
+        sha256 and size, step, world size, task names, adapter names and shapes, MTA stages,
+        sampler, optimizer and RNG states, and the configuration. A routed-config field
+        (``alpha``, ``temperature``, ...) or a training option that changes the computation
+        (``lr``, ``batch_size``, ``mixing``, ... and ``steps`` under a decaying schedule)
+        that differs from the checkpoint's is refused unless ``allow_config_change``; the
+        fields that decide the adapter's structure (``r``, ``n_skills``, ``router``, ...)
+        are refused regardless. A model with a merged task is refused.
+        """
+        err, plan = None, None
+        try:
+            plan = self._check_checkpoint(os.fspath(path), allow_config_change)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, whatever its kind
+            err = e
+        if self.world > 1:  # one rank's bad file must stop every rank before any of them loads
+            msg = first_error(None if err is None else str(err))
+            if err is None and msg is not None:
+                raise ValueError(msg)
+        if err is not None:
+            raise err
+        self._apply_checkpoint(plan, allow_config_change)
+
+    def _check_checkpoint(self, path: str, allow_config_change: bool) -> dict:
+        import io
+
+        from safetensors.torch import load as safetensors_load
+
+        merged = [(name, layer.merged_task) for name, layer in routed_layers(self.model)
+                  if layer.merged_task is not None]
+        if merged:
+            raise ValueError(f"resume_from: {path}: not loaded: the model has task {merged[0][1]} merged into "
+                             f"{merged[0][0]} ({len(merged)} layers); unmerge it (routedlora.unmerge) before "
+                             f"resuming training")
+        manifest = read_manifest(path)
+        mpath = os.path.join(path, MANIFEST_FILE)
+        if manifest["world_size"] != self.world:
+            raise ValueError(f"resume_from: {mpath}: saved with {manifest['world_size']} ranks, resuming with "
+                             f"{self.world} (resuming needs the same number of ranks)")
+        if manifest["task_names"] != self.task_names:
+            raise ValueError(f"resume_from: {mpath}: saved for tasks {manifest['task_names']}, "
+                             f"training {self.task_names}")
+        structural, changed = self._config_differences(manifest)
+        if structural:
+            raise ValueError(f"resume_from: {mpath}: the checkpoint's adapter is built differently and cannot "
+                             f"be loaded into this model (no override): {'; '.join(structural)}")
+        if changed and not allow_config_change:
+            raise ValueError(f"resume_from: {mpath}: the configuration differs from the checkpoint's: "
+                             f"{'; '.join(changed)} (pass allow_config_change=True, on the command line "
+                             f"--resume-allow-config-change, to go on with the new values)")
+        state_name = state_file(self.rank)
+        adapter_blob = verified_bytes(path, manifest, ADAPTER_FILE)
+        state_blob = verified_bytes(path, manifest, state_name)
+        state_path, adapter_path = os.path.join(path, state_name), os.path.join(path, ADAPTER_FILE)
         try:
             # tensors and plain containers only: a checkpoint directory never runs code
-            state = torch.load(state_file, weights_only=True)
+            state = torch.load(io.BytesIO(state_blob), weights_only=True)
         except Exception as e:
-            raise ValueError(f"resume_from: {state_file} is not a trainer state this version can read safely "
+            raise ValueError(f"resume_from: {state_path} is not a trainer state this version can read safely "
                              f"(only tensors and plain data are loaded, nothing is unpickled): "
-                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-        if state["world_size"] != self.world:
-            raise ValueError(f"resume_from: saved with {state['world_size']} ranks, resuming with {self.world}")
-        if state["task_names"] != self.task_names:
-            raise ValueError(f"resume_from: saved for tasks {state['task_names']}, training {self.task_names}")
-        with safe_open(adapter_file, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        self._check_state(state, manifest, state_path)
+        try:
+            tensors = safetensors_load(adapter_blob)
+            meta = safetensors_metadata(adapter_blob)
+        except Exception as e:
+            raise ValueError(f"resume_from: {adapter_path} is not a safetensors file: "
+                             f"{type(e).__name__}: {e}") from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"resume_from: {adapter_path}: format {meta.get('format')!r}, expected {_FORMAT!r}")
+        try:
+            adapter_config = json.loads(meta.get("config", "null"))
+        except json.JSONDecodeError:
+            adapter_config = None
+        if adapter_config != manifest["routed_config"]:
+            raise ValueError(f"resume_from: {adapter_path}: its config differs from the manifest's")
         own = dict(self._adapter_params())
-        if sorted(own) != sorted(tensors):
-            raise ValueError(f"resume_from: adapter names in {adapter_file} differ from the model's")
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"resume_from: {adapter_path}: adapter names differ from the model's: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         for k, p in own.items():
             if tuple(p.shape) != tuple(tensors[k].shape):
-                raise ValueError(f"resume_from: {k} has shape {tuple(tensors[k].shape)} in the file, "
-                                 f"{tuple(p.shape)} in the model")
-        for k, p in own.items():
-            copy_full_(p, tensors[k])
-        stages = json.loads(meta.get("stages", "{}"))
-        changed = False
-        for name, layer in routed_layers(self.model):
-            if hasattr(layer, "set_stage") and layer.mta_stage != int(stages.get(name, 1)):
-                layer.set_stage(int(stages.get(name, 1)))
-                changed = True
-        if changed:
+                raise ValueError(f"resume_from: {adapter_path}: {k} has shape {tuple(tensors[k].shape)} in the "
+                                 f"file, {tuple(p.shape)} in the model")
+        stages = self._check_stages(meta.get("stages", "{}"), adapter_path)
+        groups, stage_change = self._groups_after(stages)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        check_optimizer_state(state["optimizer"], groups, names, state_path)
+        try:
+            self.sampler.check_state_dict(state["sampler"], allow_new_mixing=allow_config_change)
+        except ValueError as e:
+            raise ValueError(f"resume_from: {state_path}: {e}") from None
+        return {"tensors": tensors, "own": own, "stages": stages if stage_change else None, "state": state,
+                "changed": changed}
+
+    def _config_differences(self, manifest: dict):
+        """``(structural, other)``: ``"name: saved X, now Y"`` for each field that differs."""
+        def show(v):
+            return "(absent)" if v is ABSENT else repr(v)
+
+        structural, other = [], []
+        saved, now = manifest["routed_config"], json.loads(model_config(self.model).to_json())
+        for k in sorted(set(saved) | set(now)):
+            a, b = saved.get(k, ABSENT), now.get(k, ABSENT)
+            if k in FREE_ROUTED_FIELDS or a == b:
+                continue
+            known = k in now and k in saved
+            (structural if k in STRUCTURAL_ROUTED_FIELDS or not known else other).append(
+                f"routed.{k}: saved {show(a)}, now {show(b)}")
+        saved, now = manifest["train_config"], json.loads(json.dumps(dataclasses.asdict(self.config)))
+        decaying = (saved.get("schedule"), now.get("schedule")) != ("constant", "constant")
+        for k in sorted(set(saved) | set(now)):
+            a, b = saved.get(k, ABSENT), now.get(k, ABSENT)
+            if a == b or (k in FREE_TRAIN_FIELDS and not (k == "steps" and decaying)):
+                continue
+            line = f"train.{k}: saved {show(a)}, now {show(b)}"
+            (structural if k == "parallel" and "fsdp" in (a, b) else other).append(line)
+        return structural, other
+
+    def _check_state(self, state, manifest: dict, where: str) -> None:
+        def bad(problem):
+            return ValueError(f"resume_from: {where}: {problem}")
+
+        if not isinstance(state, dict):
+            raise bad(f"expected a dict, got {type(state).__name__}")
+        kinds = {"step": int, "world_size": int, "task_names": list, "optimizer": dict, "sampler": dict,
+                 "torch_rng": torch.Tensor, "layer_rng": dict, "history": dict, "stats": torch.Tensor}
+        for key, kind in kinds.items():
+            if key not in state:
+                raise bad(f"lacks {key!r}")
+            if not isinstance(state[key], kind) or isinstance(state[key], bool):
+                raise bad(f"{key!r} is a {type(state[key]).__name__}, expected {kind.__name__}")
+        if state["step"] != manifest["step"]:
+            raise bad(f"step {state['step']} differs from the manifest's step {manifest['step']}")
+        if state["world_size"] != manifest["world_size"] or state["task_names"] != manifest["task_names"]:
+            raise bad("world size or task names differ from the manifest's")
+        if state["torch_rng"].dtype != torch.uint8 or not valid_generator_state(state["torch_rng"]):
+            raise bad("torch_rng is not a CPU generator state")
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and not (isinstance(cuda_rng, torch.Tensor) and cuda_rng.dtype == torch.uint8):
+            raise bad("cuda_rng is not a generator state")
+        for name, v in state["layer_rng"].items():
+            if v is not None and not (isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.long):
+                raise bad(f"layer_rng[{name!r}] is not a 0-d int64 batch counter")
+        hist = state["history"]
+        if not all(isinstance(hist.get(k), list) for k in ("loss", "log", "eval")):
+            raise bad("history lacks the 'loss', 'log' and 'eval' lists")
+        T = len(self.task_names)
+        if tuple(state["stats"].shape) != (4, T) or state["stats"].dtype != torch.float64:
+            raise bad(f"stats has shape {tuple(state['stats'].shape)}, expected (4, {T}) float64")
+
+    def _check_stages(self, text: str, where: str) -> Dict[str, int]:
+        layers = dict(routed_layers(self.model))
+        try:
+            stages = json.loads(text)
+        except (json.JSONDecodeError, TypeError):
+            stages = None
+        if not isinstance(stages, dict):
+            raise ValueError(f"resume_from: {where}: the MTA stages metadata is not a JSON object")
+        for name, stage in stages.items():
+            if name not in layers:
+                raise ValueError(f"resume_from: {where}: MTA stages name {name!r}, not a routed layer of the model")
+            if isinstance(stage, bool) or stage not in ((1, 2) if hasattr(layers[name], "set_stage") else (1,)):
+                raise ValueError(f"resume_from: {where}: MTA stage {stage!r} of {name} is not valid "
+                                 f"({'1 or 2' if hasattr(layers[name], 'set_stage') else '1: not an MTA layer'})")
+        return {name: int(stages.get(name, 1)) for name in layers}
+
+    def _groups_after(self, stages: Dict[str, int]):
+        """The optimizer's parameter groups once ``stages`` are set, and whether they differ from now."""
+        layers = [(name, layer) for name, layer in routed_layers(self.model) if hasattr(layer, "set_stage")]
+        if all(layer.mta_stage == stages[name] for name, layer in layers):
+            return [list(g["params"]) for g in self.optimizer.param_groups], False
+        # Set the stages for a moment to ask param_groups, then put everything back: the
+        # rules of which parameter trains in which stage stay in one place (mta.py, recipes.py).
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        before = [(layer, layer.mta_stage, layer.trainable_params) for _, layer in layers]
+        try:
+            for name, layer in layers:
+                layer.set_stage(stages[name])
+            set_trainable(self.model)
+            c = self.config
+            groups = param_groups(self.model, lr=c.lr, router_lr=c.router_lr, weight_decay=c.weight_decay)
+            return [list(g["params"]) for g in groups], True
+        finally:
+            for layer, stage, names in before:
+                layer.mta_stage, layer.trainable_params = stage, names
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def _apply_checkpoint(self, plan: dict, allow_config_change: bool) -> None:
+        for k, p in plan["own"].items():
+            copy_full_(p, plan["tensors"][k])
+        if plan["stages"] is not None:
+            for name, layer in routed_layers(self.model):
+                if hasattr(layer, "set_stage"):
+                    layer.set_stage(plan["stages"][name])
             set_trainable(self.model)
             self._wrap()
             self.optimizer = self._make_optimizer()
+        state = plan["state"]
+        # the saved groups carry the saved lr, weight decay, ...: the current config's win
+        # (identical without a config change; the new values with allow_config_change)
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
+        for g, hyper in zip(self.optimizer.param_groups, current):
+            g.update(hyper)
+        self.sampler.load_state_dict(state["sampler"], allow_new_mixing=allow_config_change)
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and self.device.type == "cuda":
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
         for name, layer in routed_layers(self.model):
             gen_state = state["layer_rng"].get(name)
-            if gen_state is not None:
+            if gen_state is not None and layer.config.seed is not None:
                 layer.set_noise_generator_state(gen_state)
         self.history = state["history"]
         self._stats = state["stats"].to(self.device)
         self._pending = []
         self.step = state["step"]
+        if plan["changed"] and self.rank == 0:
+            self.log("resume: configuration changed from the checkpoint's (allow_config_change): "
+                     + "; ".join(plan["changed"]))
 
 
-__all__ = ["ADAPTER_FILE", "MultiTaskTrainer", "SCHEDULES", "TASK_ROUTING", "TrainConfig", "example_metrics"]
+
+__all__ = ["ADAPTER_FILE", "CHECKPOINT_FORMAT", "MANIFEST_FILE", "MultiTaskTrainer", "SCHEDULES", "TASK_ROUTING",
+           "TrainConfig", "example_metrics", "read_manifest"]
