@@ -20,8 +20,9 @@ from torch import nn
 
 from .config import RoutedLoraConfig
 from .inject import _CONFIG_ATTR, _layer_class, _matches, eject, inject, model_config, routed_layers, set_trainable
-from .layer import RoutedLoraLinear
+from .layer import SUPPORTED_BASES, RoutedLoraLinear, base_features, is_supported_base
 from .mta import MTALinear
+from .routers import router_group
 
 _FORMAT = "routedlora/1"
 
@@ -29,8 +30,9 @@ _FORMAT = "routedlora/1"
 # in one of them cannot be loaded into the model at all. Every other field only changes
 # how the same parameters are used, and `config_mismatch` decides whose value wins.
 STRUCTURAL_FIELDS = ("router", "combine", "n_tasks", "n_skills", "r", "n_heads", "n_specific", "n_shared",
-                     "gate_hidden")
+                     "gate_hidden", "mta_gate", "router_granularity", "router_selector")
 CONFIG_MISMATCH = ("error", "use_saved", "keep_model")
+_MTA_BEFORE_OPTIONS = {"mta_init": "own_skill", "mta_routing": "topk", "mta_stage2": "topk", "mta_gate": "tanh"}
 # Says only how the values were first drawn; loading overwrites every one of them.
 _IGNORED_FIELDS = ("init_weights",)
 
@@ -38,8 +40,19 @@ _Layout = Dict[str, Tuple[torch.Size, torch.dtype, torch.device]]
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """``{"<layer name>.<param>": tensor}`` of every routed layer's adapter parameters."""
-    return {f"{name}.{p}": t for name, layer in routed_layers(model) for p, t in layer.adapter_state().items()}
+    """``{"<layer name>.<param>": tensor}`` of every routed layer's adapter parameters.
+
+    A parameter several layers share (a routing table under ``router_granularity="block"`` or
+    ``"model"``) appears once, under the name of its first layer in module order: safetensors
+    refuses tensors that share memory, and :func:`load_adapter` re-ties the table through ``inject``.
+    """
+    out, seen = {}, set()
+    for name, layer in routed_layers(model):
+        for p, t in layer.adapter_state().items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[f"{name}.{p}"] = t
+    return out
 
 
 def _fspath(path) -> str:
@@ -152,6 +165,10 @@ def _read(path) -> Tuple[str, RoutedLoraConfig, dict, Dict[str, torch.Tensor]]:
     raw = field("config")
     if not isinstance(raw, dict):
         raise ValueError(f"path: {file}: metadata field 'config' must be a JSON object, got {type(raw).__name__}")
+    if raw.get("router") == "mta":
+        # files written before the MTA options existed ran the behaviour they now name
+        for name, value in _MTA_BEFORE_OPTIONS.items():
+            raw.setdefault(name, value)
     try:
         config = RoutedLoraConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
@@ -190,9 +207,9 @@ def _planned_layout(model: nn.Module, config: RoutedLoraConfig, file: str) -> Tu
         if not hit:
             continue
         name = names[0]  # the name routed_layers (and so the adapter file) uses
-        if not isinstance(module, nn.Linear):
+        if not is_supported_base(module):
             raise TypeError(f"path: {file}: the saved config targets {hit[0]!r}, a {type(module).__name__} "
-                            "in this model, not an nn.Linear")
+                            f"in this model, not one of {SUPPORTED_BASES}")
         try:
             RoutedLoraLinear.check_compatible(module, config, name=name)
         except ValueError as e:
@@ -204,13 +221,18 @@ def _planned_layout(model: nn.Module, config: RoutedLoraConfig, file: str) -> Tu
     cls = _layer_class(config)
     layout: _Layout = {}
     classes = {}
+    tables = set()  # routing tables already laid out (router_granularity): inject ties the others to them
     for i, (name, module) in enumerate(targets):
         w = module.weight
-        stand_in = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
-                             dtype=w.dtype)
+        stand_in = nn.Linear(*base_features(module), bias=module.bias is not None, device="meta", dtype=w.dtype)
         layer = cls(stand_in, config, layer_index=i)
         classes[name] = cls
+        group = router_group(name, config.router_granularity)
         for p, t in layer.adapter_state().items():
+            if p == "router_logits" and config.router_granularity != "layer":
+                if group in tables:
+                    continue
+                tables.add(group)
             layout[f"{name}.{p}"] = (t.shape, t.dtype, w.device)
     return layout, classes
 

@@ -11,8 +11,9 @@ from torch import nn
 from . import context
 from .batch import RoutingState, as_task_ids
 from .config import RoutedLoraConfig
-from .layer import RoutedLoraLinear
+from .layer import SUPPORTED_BASES, RoutedLoraLinear, is_supported_base
 from .mta import MTALinear
+from .routers import router_group
 
 _CONFIG_ATTR = "_routedlora_config"
 
@@ -68,6 +69,9 @@ def set_trainable(model: nn.Module) -> None:
 def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
     """Replace the ``nn.Linear`` modules named by ``config.target_modules`` in place.
 
+    Hugging Face's ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``: ``x @ W + b`` with ``W``
+    stored ``(in, out)``) is a linear layer too and is wrapped the same way.
+
     The base model is frozen; only adapter parameters train. Everything is checked
     and every new layer built before the first module is replaced, so a failed
     call leaves ``model`` as it was. Returns ``model``.
@@ -88,8 +92,8 @@ def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
             # others silently plain
             raise ValueError(f"target_modules: {type(module).__name__} is registered under {names}, but only "
                              f"{hit} match target_modules/exclude_modules; target all of its names or none")
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"target_modules: {hit[0]!r} is a {type(module).__name__}, not an nn.Linear")
+        if not is_supported_base(module):
+            raise TypeError(f"target_modules: {hit[0]!r} is a {type(module).__name__}, not an {SUPPORTED_BASES}")
         RoutedLoraLinear.check_compatible(module, config, name=hit[0])
         targets.append((names, module))
     if not targets:
@@ -97,12 +101,41 @@ def inject(model: nn.Module, config: RoutedLoraConfig) -> nn.Module:
     cls = _layer_class(config)
     new = [(names, cls(module, config, layer_index=i).train(module.training))
            for i, (names, module) in enumerate(targets)]
+    share_router_logits([(names[0], layer) for names, layer in new], config.router_granularity)
     for names, layer in new:
         _replace(model, names, layer)
     setattr(model, _CONFIG_ATTR, config)
     _install_generate(model, new[0][1])
     set_trainable(model)
     return model
+
+
+def share_router_logits(named_layers: List[Tuple[str, RoutedLoraLinear]], granularity: str) -> None:
+    """Tie the ``router_logits`` of layers that share a routing table under ``granularity``
+    (``config.router_granularity``, grouped by :func:`routedlora.routers.router_group` of each layer's
+    name): every layer of a group gets its first layer's ``nn.Parameter``, so the model holds one
+    table per group and autograd sums the group's gradients into it. All-or-nothing: every group is
+    checked (same tasks, heads, skills, dtype and device) before the first layer is changed.
+    """
+    if granularity == "layer":
+        return
+    groups: dict = {}
+    for name, layer in named_layers:
+        groups.setdefault(router_group(name, granularity), []).append((name, layer))
+    for members in groups.values():
+        first_name, first = members[0]
+        table = first.router_logits
+        for name, layer in members[1:]:
+            other = layer.router_logits
+            if (other.shape, other.dtype, other.device) != (table.shape, table.dtype, table.device):
+                raise ValueError(f"router_granularity: {name!r} and {first_name!r} share one routing table "
+                                 f"({granularity!r}), but would hold (tasks, heads, skills) {tuple(other.shape)} "
+                                 f"{other.dtype} on {other.device} and {tuple(table.shape)} {table.dtype} on "
+                                 f"{table.device}; they need the same tasks, heads, skills, dtype and device")
+    for members in groups.values():
+        table = members[0][1].router_logits
+        for _, layer in members[1:]:
+            layer.router_logits = table
 
 
 def eject(model: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -14,9 +15,38 @@ from .config import RoutedLoraConfig
 from .ops import routed_lora
 from .ops.routed_lora import compute_dtype
 from .ops.rows import TokenRows
-from .routers import (Routing, cpoly_route, dense_index, gumbel_uniform, hashed_bits, hashed_uniform, poly_weights,
-                      topk_route)
+from .routers import (Routing, cpoly_fixed_specific, cpoly_route, dense_index, gumbel_uniform, hashed_bits,
+                      hashed_uniform, poly_option_weights, poly_weights, private_route, topk_route)
 from .validation import check_tensor, values_checkable
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2 and its family).
+
+    It computes ``x @ W + b`` with ``W`` stored ``(in, out)``, the transpose of ``nn.Linear``'s
+    (PEFT's ``fan_in_fan_out``). Looked up among the loaded modules, so that routedlora never
+    imports transformers: if transformers is not loaded, no model holds its Conv1D.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_supported_base(module) -> bool:
+    """Whether a routed layer can wrap ``module``: an ``nn.Linear`` or a transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_features(module) -> Tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer."""
+    if is_conv1d(module):
+        # the weight is the truth: Conv1D's nf/nx attributes are not updated if it is replaced
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return module.in_features, module.out_features
+
+
+SUPPORTED_BASES = "nn.Linear or transformers' Conv1D"
+
 
 def _recomputing() -> bool:
     """True while autograd runs a backward pass: activation checkpointing re-runs forward here.
@@ -50,8 +80,8 @@ class RoutedLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, config: Optional[RoutedLoraConfig] = None, *,
                  layer_index: int = 0, **kwargs):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
+        if not is_supported_base(base_layer):
+            raise TypeError(f"base_layer: expected {SUPPORTED_BASES}, got {type(base_layer).__name__}")
         if config is None:
             kwargs.setdefault("target_modules", ["<direct>"])
             config = RoutedLoraConfig(**kwargs)
@@ -60,7 +90,9 @@ class RoutedLoraLinear(nn.Module):
         self.check_compatible(base_layer, config)
         self.config = config
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = base_features(base_layer)
+        # Conv1D keeps its weight as (in, out): every base-weight shape check and merge uses its layout
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.layer_index = layer_index
         self.merged_task: Optional[int] = None
         self.disabled = False
@@ -82,13 +114,18 @@ class RoutedLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(h, m, r, self.out_features // h, **kw))
         self.router_logits = nn.Parameter(torch.empty(config.n_tasks, h, m, **kw))
         self.reset_parameters()
+        if config.router_selector == "private":  # mttl's PrivateSelector reads no logits: they do not train
+            self.trainable_params = ("lora_A", "lora_B")
 
     @staticmethod
-    def check_compatible(base_layer: nn.Linear, config: RoutedLoraConfig, name: str = "base_layer") -> None:
+    def check_compatible(base_layer: nn.Module, config: RoutedLoraConfig, name: str = "base_layer") -> None:
+        if not is_supported_base(base_layer):
+            raise TypeError(f"{name}: expected {SUPPORTED_BASES}, got {type(base_layer).__name__}")
         h = config.n_heads
-        if base_layer.in_features % h or base_layer.out_features % h:
-            raise ValueError(f"n_heads: {h} heads must divide in_features={base_layer.in_features} and "
-                             f"out_features={base_layer.out_features} of {name!r}")
+        n_in, n_out = base_features(base_layer)
+        if n_in % h or n_out % h:
+            raise ValueError(f"n_heads: {h} heads must divide in_features={n_in} and "
+                             f"out_features={n_out} of {name!r}")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -195,26 +232,70 @@ class RoutedLoraLinear(nn.Module):
         self._noise_step.add_(1)
 
     def _noise(self, B: int, row_example: Optional[Tensor], heads: int, skills: int, device) -> Optional[Tensor]:
-        """Uniforms ``(rows, heads, skills)`` behind Gumbel-sigmoid noise, one draw per example."""
-        if not (self.training and self.config.gumbel):
+        """Uniforms ``(rows, heads, skills)`` behind Gumbel-sigmoid noise, one draw per example.
+
+        From torch's generator they are drawn in the logits' dtype, as PEFT's and mttl's
+        ``RelaxedBernoulli`` draws them (``torch.rand(..., dtype=logits.dtype)``, clamped by the
+        router at that dtype's ε), so bfloat16 logits draw PEFT's bfloat16 uniforms; seeded
+        (``config.seed``) they are float32 hashes."""
+        cfg = self.config
+        if not (self.training and cfg.gumbel) or cfg.router_selector == "private" or cfg.router_l2_norm:
             return None
         rows = self._noise_rows()
-        if self.config.seed is not None:
-            u = hashed_uniform(self.config.seed + self.layer_index, self._noise_step, (B, heads, skills),
+        dtype = self.router_logits.dtype
+        if cfg.seed is not None:
+            u = hashed_uniform(cfg.seed + self.layer_index, self._noise_step, (B, heads, skills),
                                first_row=rows[0] if rows is not None else 0, device=device)
         elif rows is None:
             # the router clamps u to [ε, 1 − ε] (as gumbel_uniform does) inside its logit
-            u = torch.rand((B, heads, skills), device=device)
+            u = torch.rand((B, heads, skills), device=device, dtype=dtype)
         else:
             # Data parallel: draw the noise of the whole global batch (same generator
             # state on every rank) and keep this rank's rows, so that each example
             # gets the noise it would get in a single-process run.
-            start, total = rows
-            if start + B > total:
-                raise ValueError(f"noise_rows: rows [{start}, {start + B}) of this batch exceed the global "
-                                 f"batch of {total}")
-            u = gumbel_uniform((total, heads, skills), device=device)[start:start + B]
+            start, total = self._global_rows(rows, B)
+            u = gumbel_uniform((total, heads, skills), device=device, dtype=dtype)[start:start + B]
         return u if row_example is None else u[row_example]
+
+    @staticmethod
+    def _global_rows(rows: Tuple[int, int], B: int) -> Tuple[int, int]:
+        start, total = rows
+        if start + B > total:
+            raise ValueError(f"noise_rows: rows [{start}, {start + B}) of this batch exceed the global "
+                             f"batch of {total}")
+        return start, total
+
+    # key of the seeded dropout stream, apart from the Gumbel noise's (below 2**63: the op takes an int64)
+    _DROPOUT_STREAM = 0x5D1B54A3 << 32
+
+    def _router_dropout_mask(self, B: int, row_example: Optional[Tensor], heads: int, skills: int,
+                             device) -> Optional[Tensor]:
+        """mttl's dropout on the routing probabilities (``router_dropout``): ``(rows, heads, skills)`` of 0 or
+        ``1/(1-p)``, one draw per example, in training only; ``None`` otherwise.
+
+        From torch's generator: ``torch.nn.functional.dropout`` of ones in the logits' dtype, the
+        draws mttl's ``nn.Dropout`` makes on a tensor of that shape; seeded: a hashed stream of its own."""
+        cfg = self.config
+        p = cfg.router_dropout
+        if not (self.training and p > 0):
+            return None
+        rows = self._noise_rows()
+        if cfg.seed is not None:
+            u = hashed_uniform((cfg.seed + self.layer_index) ^ self._DROPOUT_STREAM, self._noise_step,
+                               (B, heads, skills), first_row=rows[0] if rows is not None else 0, device=device)
+            mask = (u >= p).to(u.dtype) / (1 - p)
+        else:
+            start, total = (0, B) if rows is None else self._global_rows(rows, B)
+            ones = torch.ones((total, heads, skills), device=device, dtype=self.router_logits.dtype)
+            mask = torch.nn.functional.dropout(ones, p, training=True)[start:start + B]
+        return mask if row_example is None else mask[row_example]
+
+    def _plain_router(self) -> bool:
+        """No mttl / PEFT-PR router option is on: the routing kernels compute this router exactly."""
+        cfg = self.config
+        return (cfg.router_selector == "learned" and not cfg.router_straight_through and not cfg.router_l2_norm
+                and not cfg.router_dropout and not cfg.router_shared_skill and not cfg.router_average_correction
+                and not cfg.cpoly_fixed_specific and not cfg.cpoly_tied_heads)
 
     def _kernel_route(self, rows_task: Tensor, row_example: Optional[Tensor],
                       by_task: Optional[TokenRows] = None) -> Optional[Routing]:
@@ -226,6 +307,8 @@ class RoutedLoraLinear(nn.Module):
         """
         cfg = self.config
         if cfg.backend not in ("triton", "cuda") or cfg.router not in ("poly", "softmax", "topk", "mta"):
+            return None
+        if not self._plain_router():  # the kernels compute none of the router options: route in torch
             return None
         device = self.router_logits.device
         backend = resolve_backend(cfg.backend, device)
@@ -301,12 +384,28 @@ class RoutedLoraLinear(nn.Module):
         cfg = self.config
         _, h, m = self.router_logits.shape
         if cfg.router == "poly":
+            if cfg.router_selector == "private":
+                dtype = torch.float64 if self.router_logits.dtype == torch.float64 else torch.float32
+                return tuple(private_route(rows_task, h, m, dtype=dtype))
             noise = self._noise(B, row_example, h, m, rows_task.device)
-            return None, poly_weights(self.router_logits, noise, cfg.temperature, rows=rows_task)
-        logits = self.router_logits[rows_task].float()
+            if self._plain_router():
+                return None, poly_weights(self.router_logits, noise, cfg.temperature, rows=rows_task)
+            mask = self._router_dropout_mask(B, row_example, h, m, rows_task.device)
+            return None, poly_option_weights(
+                self.router_logits, rows_task, noise, cfg.temperature, straight_through=cfg.router_straight_through,
+                l2_norm=cfg.router_l2_norm, dropout_mask=mask, shared_skill=cfg.router_shared_skill,
+                average_correction=cfg.router_average_correction)
+        logits = self.router_logits[rows_task]
+        if logits.dtype != torch.float64:  # routers compute in float32, float64 logits in float64
+            logits = logits.float()
         if cfg.router == "cpoly":
             noise = self._noise(B, row_example, h, cfg.n_skills, logits.device)
-            return None, cpoly_route(logits, n_common=cfg.n_skills, noise=noise, temperature=cfg.temperature).w
+            specific = None
+            if cfg.cpoly_fixed_specific:  # PEFT PR #1297's cpoly_simple: the one-hot pattern, a constant
+                specific = cpoly_fixed_specific(rows_task, (m - cfg.n_skills) // cfg.n_specific, cfg.n_specific,
+                                                dtype=logits.dtype)
+            return None, cpoly_route(logits, n_common=cfg.n_skills, noise=noise, temperature=cfg.temperature,
+                                     tied_heads=cfg.cpoly_tied_heads, specific=specific).w
         if cfg.router == "softmax":
             return None, torch.softmax(logits / cfg.temperature, dim=-1)
         return tuple(topk_route(logits, k=cfg.top_k, temperature=cfg.temperature, renormalize=cfg.renormalize))
@@ -318,19 +417,23 @@ class RoutedLoraLinear(nn.Module):
         loop's decode steps, which share one batch, launch no router after the first."""
         cfg = self.config
         logits = self.router_logits
-        noisy = self.training and cfg.gumbel and cfg.router in ("poly", "cpoly")
+        noisy = self.training and ((cfg.gumbel and cfg.router in ("poly", "cpoly")) or cfg.router_dropout > 0)
         fixed = not noisy and not (torch.is_grad_enabled() and logits.requires_grad) \
             and not torch.compiler.is_compiling()
+        # a routing table shared by several layers (router_granularity) is routed once for all of them
+        key = id(self) if cfg.router_granularity == "layer" else id(logits)
         if fixed:
             stamp = (logits._version, logits.data_ptr(), self.training, cfg.router, cfg.temperature, cfg.top_k,
-                     cfg.renormalize, cfg.backend)
-            hit = batch.routed.get(id(self))
+                     cfg.renormalize, cfg.backend, cfg.router_selector, cfg.router_straight_through,
+                     cfg.router_l2_norm, cfg.router_dropout, cfg.router_shared_skill, cfg.router_average_correction,
+                     cfg.cpoly_fixed_specific, cfg.cpoly_tied_heads)
+            hit = batch.routed.get(key)
             if hit is not None and hit[0] == stamp:
                 return hit[1]
         out = self._route(batch.rows_task, batch.row_example, batch.n_examples, batch.by_task(self.n_tasks),
                           unchecked=batch.unchecked)
         if fixed:
-            batch.routed[id(self)] = (stamp, out)
+            batch.routed[key] = (stamp, out)
         return out
 
     # --- forward -----------------------------------------------------------------
@@ -338,7 +441,7 @@ class RoutedLoraLinear(nn.Module):
     def _check_input(self, x) -> None:
         check_tensor("x", x, floating=True)
         w = self.base_layer.weight
-        built = (self.lora_A.shape[0] * self.lora_B.shape[3], self.lora_A.shape[0] * self.lora_A.shape[2])
+        built = self._built_weight_shape()
         if tuple(w.shape) != built:
             raise ValueError(f"base_layer: weight has shape {tuple(w.shape)}, but the adapter was built for {built} "
                              "(was a routed module resized, e.g. resize_token_embeddings with a routed lm_head? "
@@ -350,6 +453,12 @@ class RoutedLoraLinear(nn.Module):
         # autocast legitimately feeds other dtypes to the base linear
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x: dtype {x.dtype} differs from the layer's {w.dtype} (outside autocast)")
+
+    def _built_weight_shape(self) -> Tuple[int, int]:
+        """The base weight's shape the adapter fits, in the base's own layout."""
+        h = self.lora_A.shape[0]
+        n_in, n_out = h * self.lora_A.shape[2], h * self.lora_B.shape[3]
+        return (n_in, n_out) if self.fan_in_fan_out else (n_out, n_in)
 
     def forward(self, x: Tensor, task_ids=None) -> Tensor:
         self._check_input(x)
@@ -378,7 +487,8 @@ class RoutedLoraLinear(nn.Module):
 
     def _owns_base(self, x: Tensor) -> bool:
         """Whether the op may compute the base linear itself: a plain ``nn.Linear`` without hooks,
-        one dtype throughout (no autocast), and the same input for base and adapter (no dropout)."""
+        one dtype throughout (no autocast), and the same input for base and adapter (no dropout).
+        A Conv1D base (weight ``(in, out)``) runs itself; the delta is accumulated into its output."""
         base = self.base_layer
         return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
                 and x.dtype == base.weight.dtype == self.lora_A.dtype
@@ -404,7 +514,8 @@ class RoutedLoraLinear(nn.Module):
 
     @torch.no_grad()
     def task_delta_weight(self, task_id: int) -> Tensor:
-        """``γ (Â B̂)ᵀ`` of one task under evaluation routing, shape ``(out, in)``, float32."""
+        """``γ (Â B̂)ᵀ`` of one task under evaluation routing, shape ``(out, in)`` (``nn.Linear``'s layout,
+        whatever the base: a Conv1D base, ``fan_in_fan_out``, takes its transpose), float32."""
         if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < self.n_tasks:
             raise ValueError(f"task_id: expected an int in [0, {self.n_tasks}), got {task_id!r}")
         training = self.training

@@ -48,6 +48,15 @@ def _ties(model: nn.Module) -> Dict[str, List[str]]:
     return ties
 
 
+def _base_delta(layer: RoutedLoraLinear, task_id: int) -> torch.Tensor:
+    """The task's delta in the layout of the layer's base weight (a Conv1D's is ``(in, out)``)."""
+    w = layer.base_layer.weight
+    delta = layer.task_delta_weight(task_id)
+    if layer.fan_in_fan_out:
+        delta = delta.T
+    return delta.to(device=w.device, dtype=w.dtype)
+
+
 def _check_task_id(task_id, layers: List[RoutedLoraLinear]) -> None:
     n_tasks = min(layer.n_tasks for layer in layers)
     if isinstance(task_id, bool) or not isinstance(task_id, int):
@@ -58,7 +67,8 @@ def _check_task_id(task_id, layers: List[RoutedLoraLinear]) -> None:
 
 @torch.no_grad()
 def merge(target: Union[nn.Module, RoutedLoraLinear], task_id: int, *, untie: bool = False) -> nn.Module:
-    """``W += γ (Â_t B̂_t)ᵀ`` in every routed layer of ``target`` (a layer or a model).
+    """``W += γ (Â_t B̂_t)ᵀ`` in every routed layer of ``target`` (a layer or a model); a Conv1D base,
+    whose ``W`` is stored ``(in, out)``, gets ``γ Â_t B̂_t``.
 
     Uses evaluation routing (no Gumbel noise). Afterwards the layers skip the
     adapter branch and serve task ``task_id`` only; :func:`routedlora.routing`
@@ -96,8 +106,7 @@ def merge(target: Union[nn.Module, RoutedLoraLinear], task_id: int, *, untie: bo
     tied_layers = {id(by_layer[name]) for name in ties}
     deltas = []
     for layer in layers:
-        w = layer.base_layer.weight
-        deltas.append(layer.task_delta_weight(task_id).to(device=w.device, dtype=w.dtype))
+        deltas.append(_base_delta(layer, task_id))
     for layer, delta in zip(layers, deltas):
         if id(layer) in tied_layers:
             shared = layer.base_layer.weight
@@ -117,8 +126,7 @@ def unmerge(target: Union[nn.Module, RoutedLoraLinear]) -> nn.Module:
         if layer.merged_task is None:
             continue
         untied = getattr(layer, _UNTIED_ATTR, None)
-        w = layer.base_layer.weight
-        delta = None if untied else layer.task_delta_weight(layer.merged_task).to(device=w.device, dtype=w.dtype)
+        delta = None if untied else _base_delta(layer, layer.merged_task)
         pending.append((layer, untied, delta))
     for layer, untied, delta in pending:
         if untied:

@@ -4,6 +4,11 @@ PEFT Poly keeps ``poly_lora_A (h, m, in/h, r)``, ``poly_lora_B (h, m, r, out/h)`
 router ``module_logits (T, h*m)`` per layer, scaled by ``1/r`` with Gumbel-sigmoid
 (τ = 1) routing in training: exactly routedlora's ``router="poly"``, ``combine="params"``,
 ``alpha=1``. The conversion copies the values; outputs and gradients are the same.
+
+PEFT Poly wraps ``nn.Linear`` only (peft 0.21: ``PolyModel._create_new_module`` and
+``PolyLayer.__init__`` raise on anything else, and it has no ``fan_in_fan_out``), so a model
+whose routed layers wrap Hugging Face ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``)
+has no PEFT Poly counterpart: :func:`to_peft` refuses it before changing anything.
 """
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
             raise ValueError(f"peft_model: {name} has its adapter merged into the base weight; unmerge it first")
         base = poly.get_base_layer()
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"peft_model: {name} wraps a {type(base).__name__}; routedlora replaces nn.Linear only")
+            raise TypeError(f"peft_model: {name} wraps a {type(base).__name__}; PEFT Poly layers convert over "
+                            "nn.Linear only")
         layer = RoutedLoraLinear(base, config, layer_index=i)
         layer.train(poly.training)
         theirs = dict(lora_A=poly.poly_lora_A[adapter], lora_B=poly.poly_lora_B[adapter],
@@ -94,8 +100,15 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
     return model
 
 
+_MTTL_OPTIONS = ("router_granularity", "router_selector", "router_straight_through", "router_l2_norm",
+                 "router_dropout", "router_shared_skill", "router_average_correction")
+
+
 def _check_convertible(config: RoutedLoraConfig) -> None:
     wanted = dict(router="poly", combine="params", alpha=1.0, dropout=0.0, temperature=1.0, gumbel=True)
+    # the router options mttl has and PEFT Poly does not: only their defaults convert
+    defaults = RoutedLoraConfig(target_modules=["_"], n_tasks=1)
+    wanted.update({f: getattr(defaults, f) for f in _MTTL_OPTIONS})
     for field, value in wanted.items():
         if getattr(config, field) != value:
             raise ValueError(f"config.{field}: PEFT Poly only expresses {field}={value!r}, "
@@ -193,10 +206,11 @@ def to_peft(model: nn.Module, adapter_name: str = "default", task_type=None):
     ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) is inferred from the model class
     when not given. Works in place: the routed layers are replaced by PEFT's. Only configurations
     PEFT Poly can express convert (poly router, params combine, ``alpha=1``, no
-    dropout, τ = 1); anything else, and a bad ``adapter_name`` or ``task_type``, raises
-    before the model is touched. Should PEFT fail anyway, the routed layers (the same
-    objects), their config, the parameters' ``requires_grad`` flags and the modules' modes
-    are put back before the error propagates: the adapters are never lost.
+    dropout, τ = 1, ``nn.Linear`` bases: PEFT Poly does not wrap a transformers ``Conv1D``);
+    anything else, and a bad ``adapter_name`` or ``task_type``, raises before the model is touched.
+    Should PEFT fail anyway, the routed layers (the same objects), their config, the parameters'
+    ``requires_grad`` flags and the modules' modes are put back before the error propagates: the
+    adapters are never lost.
     """
     peft, PolyLinear = _peft()
     if not isinstance(model, nn.Module):
@@ -205,6 +219,11 @@ def to_peft(model: nn.Module, adapter_name: str = "default", task_type=None):
     layers = routed_layers(model)
     if config is None or not layers or any(not name for name, _ in layers):
         raise ValueError("model: has no routed LoRA layers; call routedlora.inject or from_peft first")
+    conv1d = [name for name, layer in layers if layer.fan_in_fan_out]
+    if conv1d:
+        raise ValueError(f"model: routed layers {conv1d[:3]}{' …' if len(conv1d) > 3 else ''} wrap transformers' "
+                         "Conv1D (GPT-2 style); PEFT Poly does not wrap Conv1D (nn.Linear only), so this model "
+                         "cannot convert. Keep it in routedlora (save_adapter / load_adapter)")
     for layer in [layer for _, layer in layers]:
         _check_convertible(layer.config)
         if layer.merged_task is not None:

@@ -40,15 +40,18 @@ def _check_not_merged(layers) -> None:
 
 
 def param_groups(model: nn.Module, lr: float, router_lr: Optional[float] = None,
-                 weight_decay: float = 0.0) -> List[dict]:
-    """Optimizer groups: trainable skill/gate parameters at ``lr``, routing logits at ``router_lr``.
+                 weight_decay: float = 0.0, router_weight_decay: float = 0.0) -> List[dict]:
+    """Optimizer groups: trainable skill/gate parameters at ``lr`` and ``weight_decay``, routing
+    logits at ``router_lr`` and ``router_weight_decay`` (mttl's per-group ``module_logits`` learning
+    rate; its logits group takes the optimizer's default weight decay, pass that to match).
 
-    Changes nothing; ``lr``, ``router_lr`` and ``weight_decay`` must be finite numbers >= 0.
+    Changes nothing; every argument must be a finite number >= 0.
     """
     check_number("lr", lr, nonnegative=True)
     if router_lr is not None:
         check_number("router_lr", router_lr, nonnegative=True)
     check_number("weight_decay", weight_decay, nonnegative=True)
+    check_number("router_weight_decay", router_weight_decay, nonnegative=True)
     layers = _require_layers(model)
     logits = {id(layer.router_logits) for layer in layers}
     skills, routers = [], []
@@ -59,7 +62,8 @@ def param_groups(model: nn.Module, lr: float, router_lr: Optional[float] = None,
     if skills:
         groups.append({"params": skills, "lr": lr, "weight_decay": weight_decay})
     if routers:
-        groups.append({"params": routers, "lr": lr if router_lr is None else router_lr, "weight_decay": 0.0})
+        groups.append({"params": routers, "lr": lr if router_lr is None else router_lr,
+                       "weight_decay": router_weight_decay})
     return groups
 
 
@@ -78,18 +82,24 @@ def mhr_z(model: nn.Module, n_new_tasks: int = 0) -> List[int]:
     if n_new_tasks and any(layer.config.router in ("cpoly", "mta") for layer in layers):
         raise ValueError("n_new_tasks: new tasks need new task-private skills under cpoly/mta; "
                          "only poly, softmax and topk layers can add routing rows")
+    if any(layer.config.router_selector == "private" for layer in layers):
+        raise ValueError("model: router_selector='private' routes each task to its own skill and has no routing "
+                         "logits to tune")
     counts = sorted({layer.n_tasks for layer in layers})
     if n_new_tasks and len(counts) > 1:
         raise ValueError(f"model: its routed layers route different numbers of tasks {counts}; new task ids "
                          "would not mean the same rows in every layer")
     old = counts[0]
     updated = _updated_configs(model, layers, n_tasks=old + n_new_tasks) if n_new_tasks else None
-    new_logits = []
+    # One new table per table: layers sharing a routing table (router_granularity) keep sharing it.
+    new_logits = {}
     for layer in layers:
-        if n_new_tasks:
-            rows = torch.empty(n_new_tasks, *layer.router_logits.shape[1:], device=layer.router_logits.device,
-                               dtype=layer.router_logits.dtype).uniform_(-1e-3, 1e-3)
-            new_logits.append(nn.Parameter(torch.cat([layer.router_logits.data, rows])))
+        table = layer.router_logits
+        if n_new_tasks and id(table) not in new_logits:
+            rows = torch.empty(n_new_tasks, *table.shape[1:], device=table.device,
+                               dtype=table.dtype).uniform_(-1e-3, 1e-3)
+            new_logits[id(table)] = nn.Parameter(torch.cat([table.data, rows]))
+    new_logits = [new_logits.get(id(layer.router_logits)) for layer in layers]
     # everything is built: assign
     for i, layer in enumerate(layers):
         if n_new_tasks:
@@ -112,15 +122,22 @@ def mhr_mu(model: nn.Module) -> nn.Module:
     _check_not_merged(layers)
     if any(isinstance(layer, MTALinear) for layer in layers):
         raise ValueError("model: MHR-μ averages Poly/MHR skills; MTA layers are not supported")
-    # softmax over one skill is exactly 1; params combine of one skill is plain LoRA.
-    updated = _updated_configs(model, layers, router="softmax", combine="params", n_skills=1, temperature=1.0)
+    # softmax over one skill is exactly 1; params combine of one skill is plain LoRA. The Poly /
+    # C-Poly router options go with the routing they modify (the config would refuse them).
+    updated = _updated_configs(model, layers, router="softmax", combine="params", n_skills=1, temperature=1.0,
+                               router_selector="learned", router_straight_through=False, router_l2_norm=False,
+                               router_dropout=0.0, router_shared_skill=False, router_average_correction=False,
+                               cpoly_fixed_specific=False, cpoly_tied_heads=False)
     new = []
+    tables = {}  # layers sharing a routing table (router_granularity) share the new one
     for layer in layers:
         logits = layer.router_logits
+        if id(logits) not in tables:
+            tables[id(logits)] = nn.Parameter(torch.zeros(logits.shape[0], logits.shape[1], 1, device=logits.device,
+                                                          dtype=logits.dtype))
         new.append((nn.Parameter(layer.lora_A.data.mean(dim=1, keepdim=True)),
                     nn.Parameter(layer.lora_B.data.mean(dim=1, keepdim=True)),
-                    nn.Parameter(torch.zeros(logits.shape[0], logits.shape[1], 1, device=logits.device,
-                                             dtype=logits.dtype))))
+                    tables[id(logits)]))
     for layer, (A, B, logits) in zip(layers, new):
         layer.lora_A, layer.lora_B, layer.router_logits = A, B, logits
         layer.trainable_params = ("lora_A", "lora_B")

@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .validation import check_positive, check_tensor
@@ -27,6 +28,11 @@ __all__ = [
     "softmax_route",
     "topk_route",
     "cpoly_route",
+    "cpoly_fixed_specific",
+    "poly_option_weights",
+    "private_route",
+    "router_group",
+    "GRANULARITIES",
 ]
 
 ROUTERS = ("poly", "softmax", "topk", "cpoly")
@@ -116,6 +122,15 @@ def hashed_uniform(seed: int, step: Tensor, shape, *, first_row: int = 0, device
 _LOGIT_BOUND = math.log((1 - _F32_EPS) / _F32_EPS)
 
 
+def _noise_logit(noise: Tensor, dtype: torch.dtype) -> Tensor:
+    """``logit(u)`` of Gumbel-sigmoid uniforms in the router's ``dtype``, ``u`` first clamped to
+    ``[ε, 1 − ε]`` with ``ε`` of the dtype ``u`` was drawn in, as ``RelaxedBernoulli`` clamps its
+    draws: bfloat16 uniforms (drawn in the logits' dtype, as PEFT does) are clamped at bfloat16's
+    ε, then widened exactly."""
+    eps = torch.finfo(noise.dtype).eps
+    return torch.logit(noise.clamp(eps, 1 - eps).to(dtype))
+
+
 def _poly_forward(table, rows, noise, temperature):
     """``(w, Σq + ε, what backward needs)``; see :class:`_PolyWeights`."""
     z = table if rows is None else table[rows]
@@ -125,7 +140,7 @@ def _poly_forward(table, rows, noise, temperature):
         q = torch.sigmoid(z)
         saved = (q,)
     else:
-        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + torch.logit(noise, _F32_EPS)  # clamps u to [ε, 1 − ε] first
+        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + _noise_logit(noise, z.dtype)
         if temperature != 1.0:
             t = t / temperature
         q = torch.sigmoid(t)
@@ -228,15 +243,21 @@ def topk_route(logits: Tensor, *, k: int, temperature: float = 1.0, renormalize:
 
 
 def cpoly_route(logits: Tensor, *, n_common: int, noise: Optional[Tensor] = None,
-                temperature: float = 1.0) -> Routing:
+                temperature: float = 1.0, tied_heads: bool = False, specific: Optional[Tensor] = None) -> Routing:
     """C-Poly routing over ``m = n_common + T * n_specific`` skills.
 
     The first ``n_common`` logits of a row are routed with :func:`poly_route`
     (noise, if given, has shape ``(R, h, n_common)``); the rest are the row of
     the task-specific allocation matrix, used as raw, unnormalised weights.
+
+    ``tied_heads``: head 0's task-specific weights serve every head (PEFT PR #1297's
+    ``c_module_logits (T, T)``, one weight per task-private skill for all heads); the other
+    heads' task-specific logits are unused. ``specific`` ``(R, 1 or h, m - n_common)``: fixed
+    task-specific weights used instead of the logits' (PR #1297's ``cpoly_simple``, see
+    :func:`cpoly_fixed_specific`); the logits' task-specific part then gets no gradient.
     """
     check_tensor("logits", logits, ndim=3, floating=True)
-    m = logits.shape[-1]
+    R, h, m = logits.shape
     if not isinstance(n_common, int) or not 0 <= n_common <= m:
         raise ValueError(f"n_common: expected an int in [0, {m}], got {n_common!r}")
     common = logits[..., :n_common]
@@ -244,6 +265,98 @@ def cpoly_route(logits: Tensor, *, n_common: int, noise: Optional[Tensor] = None
         raise ValueError(f"noise: expected shape {tuple(common.shape)}, got {tuple(noise.shape)}")
     check_positive("temperature", temperature)
     w_common = poly_weights(common, noise, temperature) if n_common else common
-    w = torch.cat([w_common, logits[..., n_common:]], dim=-1)
-    R, h, _ = logits.shape
+    if specific is None:
+        spec = logits[..., n_common:]
+    else:
+        check_tensor("specific", specific, ndim=3, floating=True)
+        if specific.shape[0] != R or specific.shape[1] not in (1, h) or specific.shape[2] != m - n_common:
+            raise ValueError(f"specific: expected shape ({R}, 1 or {h}, {m - n_common}), got {tuple(specific.shape)}")
+        spec = specific.to(w_common.dtype)
+    if tied_heads or spec.shape[1] != h:
+        spec = spec[:, :1].expand(R, h, m - n_common)
+    w = torch.cat([w_common, spec], dim=-1)
     return Routing(dense_index(R, h, m, logits.device), w)
+
+
+def cpoly_fixed_specific(task_ids: Tensor, n_tasks: int, n_specific: int, dtype=torch.float32) -> Tensor:
+    """PEFT PR #1297's ``cpoly_simple`` task-specific weights: ``(R, 1, T·n_specific)``, 1 on the
+    ``n_specific`` private skills of each row's task and 0 elsewhere (a constant, never trained)."""
+    check_tensor("task_ids", task_ids, ndim=1, integer=True)
+    owner = torch.arange(n_tasks * n_specific, device=task_ids.device) // n_specific
+    return (owner == task_ids[:, None]).to(dtype).unsqueeze(1)
+
+
+def private_route(task_ids: Tensor, heads: int, n_skills: int, dtype=torch.float32) -> Routing:
+    """mttl's ``PrivateSelector``: each task routed to its own skill, ``one_hot(task, m)`` in every head.
+
+    Sparse: ``idx (R, h, 1)`` is the row's task, ``w`` is 1. Needs ``task < n_skills``.
+    """
+    check_tensor("task_ids", task_ids, ndim=1, integer=True)
+    check_positive("heads", heads, integer=True)
+    check_positive("n_skills", n_skills, integer=True)
+    idx = task_ids.to(torch.int64).view(-1, 1, 1).expand(-1, heads, 1)
+    return Routing(idx, torch.ones(idx.shape, dtype=dtype, device=task_ids.device))
+
+
+def poly_option_weights(table: Tensor, rows: Optional[Tensor], noise: Optional[Tensor], temperature: float, *,
+                        straight_through: bool = False, l2_norm: bool = False, dropout_mask: Optional[Tensor] = None,
+                        shared_skill: bool = False, average_correction: bool = False) -> Tensor:
+    """Poly / MHR weights with mttl's router options, in mttl's order (``PolytroponSelector.forward``).
+
+    ``z = table[rows]``; ``l2_norm``: ``w = z / max(‖z‖₂, 1e-12)`` over the skills of a head, and
+    nothing else applies. Otherwise ``q = σ(z)``, or with ``noise`` the Gumbel-sigmoid sample of
+    :func:`poly_weights`; ``straight_through``: ``q`` rounded to {0, 1} in the forward, the gradient
+    of ``q`` in the backward; ``dropout_mask`` (0 or ``1/(1-p)``, shaped like ``q``) multiplies ``q``;
+    ``shared_skill``: the last skill's ``q`` is 1 (always on, no gradient); then
+    ``w = q / (Σq + 1e-12)``, or ``average_correction``: ``w = q · √h / √m`` (no normalisation).
+    Plain autograd (the default path's single node, :func:`poly_weights`, has none of these).
+    Weights are float32 (float64 for float64 logits).
+    """
+    z = table if rows is None else table[rows]
+    if z.dtype != torch.float64:
+        z = z.float()
+    if l2_norm:
+        return F.normalize(z, p=2.0, dim=-1)
+    if noise is None:
+        q = torch.sigmoid(z)
+    else:
+        t = z.clamp(-_LOGIT_BOUND, _LOGIT_BOUND) + _noise_logit(noise, z.dtype)
+        if temperature != 1.0:
+            t = t / temperature
+        q = torch.sigmoid(t)
+    if straight_through:
+        q = q + (torch.round(q) - q).detach()
+    if dropout_mask is not None:
+        q = q * dropout_mask.to(q.dtype)
+    if shared_skill:
+        q = torch.cat([q[..., :-1], torch.ones_like(q[..., -1:])], dim=-1)
+    if average_correction:
+        h, m = q.shape[-2:]
+        return q * (math.sqrt(h) / math.sqrt(m))
+    return q / (q.sum(dim=-1, keepdim=True) + _POLY_EPS)
+
+
+GRANULARITIES = ("layer", "block", "model")
+
+
+def router_group(name: str, granularity: str) -> str:
+    """Which routing table a routed layer named ``name`` uses under ``router_granularity``.
+
+    ``"layer"``: its own (the key is its name). ``"model"``: one table for every routed layer
+    (key ``""``). ``"block"``: one per transformer block, the block named by the module name up
+    to and including its first all-digit component — ``model.layers.3.self_attn.q_proj`` →
+    ``model.layers.3``, ``encoder.block.0.layer.1.EncDecAttention.q`` → ``encoder.block.0`` (mttl's
+    ``blockwise`` grouping for T5), ``bert.encoder.layer.2.attention.self.query`` →
+    ``bert.encoder.layer.2``. A name without a numeric component (``lm_head``) is a block of its own.
+    """
+    if granularity == "layer":
+        return name
+    if granularity == "model":
+        return ""
+    if granularity != "block":
+        raise ValueError(f"router_granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isascii() and part.isdigit():
+            return ".".join(parts[:i + 1])
+    return name

@@ -610,3 +610,27 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["ddp-drift"]:
         sys.exit("usage: python tests/test_training_reliability.py ddp-drift")
     measure_ddp_drift()
+
+
+def test_checkpoint_with_shared_routing_tables(tmp_path):
+    # router_granularity="model": one table for every layer, stored once and tied again on resume
+    def build():
+        tok = CharTokenizer()
+        m = tiny_llama(tok.vocab_size, hidden=16, layers=1, seed=0)
+        routedlora.inject(m, routedlora.RoutedLoraConfig(target_modules=default_targets(m), n_tasks=3, n_skills=3,
+                                                         r=2, router_granularity="model"))
+        config = TrainConfig(steps=2, batch_size=4, progress=False, lr=1e-2, log_every=0)
+        return MultiTaskTrainer(m, synthetic_tasks(TASKS, [12, 8, 6], length=3), config, log=lambda s: None)
+
+    t = build()
+    torch.manual_seed(0)
+    t.train()
+    path = str(tmp_path / "shared")
+    t.save_checkpoint(path)
+    fresh = build()
+    fresh.load_checkpoint(path)
+    tables = {id(layer.router_logits) for _, layer in routedlora.routed_layers(fresh.model)}
+    assert len(tables) == 1  # still one table
+    for (name, a), (_, b) in zip(routedlora.routed_layers(t.model), routedlora.routed_layers(fresh.model)):
+        for p in ("lora_A", "lora_B", "router_logits"):
+            assert torch.equal(getattr(a, p), getattr(b, p)), (name, p)

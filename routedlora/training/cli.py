@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from ..config import MTA_OPTIONS
 from .data import TASKS, CharTokenizer, load_jsonl, synthetic_tasks
 from .distributed import PARALLEL, init_distributed
 from .models import TINY, build_model, default_targets
@@ -48,7 +49,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-rank", type=int, default=None,
                    help="recipe lora: rank of the shared LoRA (default: matched to --n-skills x --rank)")
     g.add_argument("--init-adapter", default=None, help="mhr-z / mhr-mu / mta-stage2: the trained adapter file")
-    g.add_argument("--stage2-at", type=int, default=None, help="recipe mta: switch to stage 2 before this step")
+    g.add_argument("--stage2-at", type=int, default=None,
+                   help="recipes mta / mta-alter: switch to stage 2 before this step")
+    g.add_argument("--mta-blocks", type=int, default=None,
+                   help="recipe mta-alter: experts on the FFN of this many last blocks (default 1, as ALTER)")
+    for flag, field in (("--mta-init", "mta_init"), ("--mta-routing", "mta_routing"),
+                        ("--mta-stage2", "mta_stage2"), ("--mta-gate", "mta_gate")):
+        g.add_argument(flag, default=None, choices=MTA_OPTIONS[field],
+                       help=f"recipes mta / mta-alter: config.{field} (default {MTA_OPTIONS[field][0]!r}, ALTER's code)")
     g.add_argument("--noise-seed", type=int, default=None,
                    help="seed of each layer's own Gumbel-noise generator (default: torch's global RNG)")
     g = p.add_argument_group("data")
@@ -117,6 +125,11 @@ def idle_cores() -> int:
     return max(1, min(cores, cores - busy))
 
 
+def _mta_options(args) -> dict:
+    """The ``--mta-*`` flags given, as :class:`RoutedLoraConfig` fields."""
+    return {f: getattr(args, f) for f in MTA_OPTIONS if getattr(args, f, None) is not None}
+
+
 def build(args, log=print):
     """Model, data and trainer from parsed arguments (also used by the example)."""
     rank, world = init_distributed(args.dist_backend)
@@ -174,7 +187,8 @@ def build(args, log=print):
     overrides = apply_recipe(model, args.recipe, n_tasks=len(names), target_modules=targets, n_skills=args.n_skills,
                              r=r, n_heads=args.heads, alpha=args.alpha if args.recipe != "lora" or args.alpha
                              else float(args.rank), backend=args.backend, seed=args.noise_seed,
-                             init_adapter=args.init_adapter, mta_stage2_at=args.stage2_at)
+                             init_adapter=args.init_adapter, mta_stage2_at=args.stage2_at,
+                             mta_blocks=getattr(args, "mta_blocks", None), mta_options=_mta_options(args))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, schedule=args.schedule,
                          warmup_steps=args.warmup_steps, mixing=args.mixing,

@@ -118,10 +118,30 @@ def shard_fsdp2(model: nn.Module, *, reshard_after_forward: bool = True, mp_poli
     kw = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
-    for block in _blocks(model):
+    blocks = _blocks(model)
+    _check_tables_within_blocks(model, blocks)
+    for block in blocks:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def _check_tables_within_blocks(model: nn.Module, blocks) -> None:
+    """A routing table shared by layers of several FSDP units (``router_granularity``) cannot be
+    sharded by either: refuse before anything is sharded."""
+    owner = {}
+    for i, block in enumerate(blocks):
+        for layer in block.modules():
+            if hasattr(layer, "router_logits"):
+                owner.setdefault(id(layer), i)
+    units = {}
+    for name, layer in routed_layers(model):
+        units.setdefault(id(layer.router_logits), set()).add(owner.get(id(layer)))
+    spread = [u for u in units.values() if len(u) > 1]
+    if spread:
+        raise ValueError("parallel: FSDP2 shards each transformer block on its own, but a routing table is "
+                         "shared by layers of several blocks (router_granularity); use router_granularity='layer' "
+                         "or 'block' with blocks that are the model's own, or parallel='ddp'")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

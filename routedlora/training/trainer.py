@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import _FORMAT
+from ..checkpoint import _FORMAT, adapter_state_dict
 from ..inject import model_config, routed_layers, routing, set_trainable
 from ..recipes import mta_stage2, param_groups
 from .checkpoint_files import (ABSENT, ADAPTER_FILE, CHECKPOINT_FORMAT, FREE_ROUTED_FIELDS, FREE_TRAIN_FIELDS,
@@ -437,9 +437,8 @@ class MultiTaskTrainer:
     # --- checkpoints -------------------------------------------------------------
 
     def _adapter_params(self):
-        for name, layer in routed_layers(self.model):
-            for p, t in layer.adapter_state().items():
-                yield f"{name}.{p}", t
+        # each routing table shared by several layers (router_granularity) once, as save_adapter stores it
+        return adapter_state_dict(self.model).items()
 
     def _stages(self) -> Dict[str, int]:
         return {name: getattr(layer, "mta_stage", 1) for name, layer in routed_layers(self.model)}

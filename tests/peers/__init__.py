@@ -1,0 +1,1 @@
+"""Independent transcriptions of the peers' (reference implementations') forward math, for tests."""
