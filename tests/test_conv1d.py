@@ -228,12 +228,18 @@ def test_gpt2_tied_lm_head_still_detected():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-def test_gpt2_save_load_roundtrip(tmp_path):
+def _saved(tmp_path):
+    """Routed outputs of an injected GPT-2 and the path of its saved adapter."""
     model = injected()
     ids, tasks = token_ids(), [2, 0, 1]
     want = logits(model, ids, tasks)
     path = tmp_path / "adapter.safetensors"
     routedlora.save_adapter(model, str(path))
+    return ids, tasks, want, path
+
+
+def test_gpt2_save_load_roundtrip(tmp_path):
+    ids, tasks, want, path = _saved(tmp_path)
     fresh = make_gpt2()  # same base weights, fresh adapters
     routedlora.inject(fresh, gpt2_config(init_weights=False))
     fresh.eval()
@@ -243,11 +249,7 @@ def test_gpt2_save_load_roundtrip(tmp_path):
 
 
 def test_gpt2_load_adapter_injects_a_plain_model(tmp_path):
-    model = injected()
-    ids, tasks = token_ids(), [2, 0, 1]
-    want = logits(model, ids, tasks)
-    path = tmp_path / "adapter.safetensors"
-    routedlora.save_adapter(model, str(path))
+    ids, tasks, want, path = _saved(tmp_path)
     fresh = make_gpt2()
     routedlora.load_adapter(fresh, str(path))
     assert {n for n, _ in routedlora.routed_layers(fresh)} == ROUTED
