@@ -634,3 +634,17 @@ def test_checkpoint_with_shared_routing_tables(tmp_path):
     for (name, a), (_, b) in zip(routedlora.routed_layers(t.model), routedlora.routed_layers(fresh.model)):
         for p in ("lora_A", "lora_B", "router_logits"):
             assert torch.equal(getattr(a, p), getattr(b, p)), (name, p)
+
+
+@pytest.mark.parametrize("granularity,refused", [("model", True), ("block", False), ("layer", False)])
+def test_fsdp_refuses_a_routing_table_shared_across_blocks(granularity, refused):
+    from routedlora.training.distributed import _blocks, _check_tables_within_blocks
+
+    m = tiny_llama(CharTokenizer().vocab_size, hidden=16, layers=2, seed=0)
+    routedlora.inject(m, routedlora.RoutedLoraConfig(target_modules=["q_proj", "v_proj"], n_tasks=3, n_skills=3, r=2,
+                                                     router_granularity=granularity))
+    if refused:
+        with pytest.raises(ValueError, match="several blocks"):
+            _check_tables_within_blocks(m, _blocks(m))
+    else:
+        _check_tables_within_blocks(m, _blocks(m))
