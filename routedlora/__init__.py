@@ -16,9 +16,20 @@ from .routers import Routing
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # loaded on first use, not at import: `python -m routedlora.export` runs that module as
+    # __main__, which must not already sit in sys.modules
+    if name == "export_task_loras":
+        from .export import export_task_loras
+
+        return export_task_loras
+    raise AttributeError(f"module 'routedlora' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS", "CudaBackendUnavailable", "MTALinear", "RoutedLoraConfig", "RoutedLoraLinear", "Routing", "adapter_state_dict",
-    "available_backends", "context", "eject", "from_peft", "inject", "load_adapter", "merge", "mhr_mu", "mhr_z",
+    "available_backends", "context", "eject", "export_task_loras", "from_peft", "inject", "load_adapter", "merge", "mhr_mu", "mhr_z",
     "model_config", "mta_stage2", "ops", "param_groups", "routed_layers", "routers", "routing",
     "save_adapter", "set_trainable", "to_peft", "unmerge",
 ]

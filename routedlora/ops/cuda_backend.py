@@ -25,8 +25,9 @@ so either backward can follow either forward.
 Requirements, checked before anything is built (:func:`routedlora.cuda_build.unavailable_reason`):
 a CUDA build of torch, a device of compute capability 8.0 or newer, nvcc, ninja and
 triton. ``backend="cuda"`` raises :class:`~routedlora.backends.CudaBackendUnavailable`
-naming what is missing; it never falls back silently. ``backend="auto"`` does not pick
-it until it has been validated and measured on a GPU.
+naming what is missing; it never falls back silently. ``backend="auto"`` picks it only
+where ``python -m routedlora.selftest`` checked and timed it on this GPU with these versions
+(see :mod:`routedlora.backends`).
 """
 from __future__ import annotations
 
