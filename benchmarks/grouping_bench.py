@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from .timing import interleaved
+from routedlora.timing import interleaved
 
 TOKENS = (64, 512, 4096, 16384, 65536)
 

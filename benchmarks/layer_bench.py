@@ -1,6 +1,6 @@
 """Layer level: one routed nn.Linear replacement against its peers, forward and forward+backward.
 
-Per case and mode every peer runs in the same rounds (:func:`benchmarks.timing.interleaved`),
+Per case and mode every peer runs in the same rounds (:func:`routedlora.timing.interleaved`),
 so each ratio below is a median over rounds of same-round ratios, with its quartiles:
 
 * ``overhead`` = (t − t_base) / t_base, the frozen base linear being the floor;
@@ -14,7 +14,7 @@ from typing import List
 import torch
 
 from .peers import REFERENCE, SAME_FUNCTION, LayerCase, LayerInputs, layer_peers, torch_algorithm
-from .timing import Interleaved, interleaved, peak_memory_mb, quartiles
+from routedlora.timing import Interleaved, interleaved, peak_memory_mb, quartiles
 
 MODES = ("fwd", "fwd+bwd")
 

@@ -14,7 +14,7 @@ import torch
 import routedlora
 
 from .peers import DTYPES, peft_available, routedlora_backends
-from .timing import interleaved, peak_memory_mb, quartiles
+from routedlora.timing import interleaved, peak_memory_mb, quartiles
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,7 @@
 
 Every comparison is made inside one run: per case, the implementations are timed in
 interleaved rounds (rotated order) and each ratio is the median of same-round ratios with
-its quartiles (``benchmarks/timing.py``). On a CPU the thread count is pinned (default 1)
+its quartiles (``routedlora/timing.py``). On a CPU the thread count is pinned (default 1)
 and a sanity line (an n-cube matmul's achieved GFLOP/s, at the start and the end) shows
 whether the machine was loaded; numbers from different runs are not to be compared.
 
@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
 from . import cost, grouping_bench, layer_bench, model_bench  # noqa: E402
 from .peers import LayerCase  # noqa: E402
 from .report import write_all  # noqa: E402
-from .timing import matmul_gflops  # noqa: E402
+from routedlora.timing import matmul_gflops  # noqa: E402
 
 SUITES = ("cost", "layer", "decode", "grouping", "model")
 

@@ -48,7 +48,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -281,8 +280,11 @@ def check_cuda_graph(backend: str, shape: dict, h: int, dtype_name: str, device)
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device, rounds: int = 10,
                      min_sample_s: float = 0.005) -> Dict[str, dict]:
-    """Milliseconds per call of each function: rounds in rotating order, each sample ``inner``
-    back-to-back calls between two CUDA events; medians and quartiles over rounds."""
+    """Milliseconds per call of each function, measured as the benchmark harness does
+    (:func:`routedlora.timing.interleaved`: rounds in rotating order, CUDA-event samples,
+    medians and quartiles); a function that fails its warm-up is reported, not timed."""
+    from .timing import interleaved
+
     torch = _torch()
     out: Dict[str, dict] = {}
     live = {}
@@ -294,28 +296,12 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device, rounds: int =
             live[name] = fn
         except Exception as exc:
             out[name] = dict(median_ms=None, error=_error(exc))
-
-    def sample(fn, inner):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
-
-    inner = {}
-    for name, fn in live.items():
-        ms = sample(fn, 1)
-        inner[name] = max(1, min(1000, int(min_sample_s * 1e3 / max(ms, 1e-4)) + 1))
-    times: Dict[str, List[float]] = {name: [] for name in live}
-    names = list(live)
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(sample(live[name], inner[name]))
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        out[name] = dict(median_ms=q[1], q1_ms=q[0], q3_ms=q[2], rounds=len(ts), inner=inner[name])
+    if live:
+        timed = interleaved(live, torch.device(device), rounds=rounds, warmup=0, min_sample_s=min_sample_s)
+        for name in live:
+            st = timed.stats(name)
+            out[name] = dict(median_ms=st["median_ms"], q1_ms=st["q1_ms"], q3_ms=st["q3_ms"], rounds=st["runs"],
+                             inner=st["inner"])
     return out
 
 

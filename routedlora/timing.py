@@ -1,5 +1,8 @@
 """Timing of several implementations side by side: interleaved rounds, medians of per-round ratios.
 
+Shared by the benchmark harness (``benchmarks/``) and the GPU self-test
+(``python -m routedlora.selftest``), so that both measure the same way (DESIGN.md §2).
+
 On a shared, noisy machine the time of one implementation measured after another's says
 little: the load changes in between. So every implementation runs once per *round*, the
 order rotating from round to round, and a comparison is the median over rounds of the
