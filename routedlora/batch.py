@@ -32,8 +32,9 @@ class BatchRows(NamedTuple):
     tokens: TokenRows
     task_rows: Dict[int, TokenRows]  # the rows grouped by task, per task count (see by_task)
     # each layer's routing weights where they cannot change while the batch lives (inference: no
-    # noise, no gradient), so that the decode steps of a generate loop, which share one batch,
-    # route once: layer id -> (what they were computed from, (idx, w))
+    # noise, no gradient), so that the steps of a generate loop route once: the decode steps share
+    # one batch, and when rows are sequences the prefill's batch shares this dict with them
+    # (same rows): layer (or shared table) id -> (what they were computed from, (idx, w))
     routed: Dict[int, tuple]
     # None when the task ids' range was checked; else (validate=False, or traced) what the
     # routers read instead, so that an out-of-range id never wraps around or reads another task
@@ -79,12 +80,16 @@ def as_task_ids(task_ids, n_tasks: int, device, validate: bool = True) -> Tensor
     return ids.to(device=device, dtype=torch.long)
 
 
-def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1, unchecked: Optional[int] = None) -> BatchRows:
+def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1, unchecked: Optional[int] = None,
+               routed_pool: Optional[dict] = None) -> BatchRows:
     """The routing rows of an input of leading shape ``lead`` (``x.shape[:-1]``) under task ids ``ids``.
 
     ``expand``: inside ``generate()`` each id stands for ``expand`` consecutive sequences
     (beams, returned sequences); ids of ``B / expand`` sequences are repeated for them.
     ``unchecked``: the number of tasks, where the ids' range was not checked (see :class:`UncheckedRows`).
+    ``routed_pool``: kept routing weights shared by the batches of one routing block whose rows
+    are its sequences, per number of rows: a prefill (B, S) and its decode steps (B, 1) route
+    the same rows, so the decode steps reuse the prefill's weights (see ``BatchRows.routed``).
     """
     N = math.prod(lead)
     B = lead[0] if lead else 1
@@ -96,8 +101,10 @@ def batch_rows(ids: Tensor, lead: Tuple[int, ...], expand: int = 1, unchecked: O
         ids = ids.expand(B)
     if ids.shape == lead[:1] or (not lead and ids.numel() == 1):
         rows_task = ids.reshape(-1)
-        return BatchRows(rows_task, None, rows_task.shape[0], TokenRows.contiguous(rows_task.shape[0], max(S, 1), dev),
-                         {}, {}, None if unchecked is None else UncheckedRows(rows_task, unchecked))
+        R = rows_task.shape[0]
+        routed = {} if routed_pool is None else routed_pool.setdefault(R, {})
+        return BatchRows(rows_task, None, R, TokenRows.contiguous(R, max(S, 1), dev), {}, routed,
+                         None if unchecked is None else UncheckedRows(rows_task, unchecked))
     if ids.shape == lead:
         row_example = torch.arange(B, device=dev)
         if S != 1:
@@ -148,6 +155,7 @@ class RoutingState:
         # `total` sequences; Gumbel noise is drawn for all `total` and sliced (data parallel).
         self.noise_rows: Optional[Tuple[int, int]] = None
         self._rows: Dict[tuple, BatchRows] = {}
+        self._seq_routed: Dict[int, dict] = {}  # expand -> routing weights kept per number of sequence rows
 
     def rows_for(self, lead: Tuple[int, ...]) -> BatchRows:
         """The batch's routing rows for inputs of leading shape ``lead``, built once and reused."""
@@ -157,9 +165,11 @@ class RoutingState:
         key = (lead, self.expand)
         rows = self._rows.get(key)
         if rows is None:
-            rows = self._rows[key] = batch_rows(self.task_ids, lead, self.expand, self.unchecked)
+            rows = self._rows[key] = batch_rows(self.task_ids, lead, self.expand, self.unchecked,
+                                                routed_pool=self._seq_routed.setdefault(self.expand, {}))
         return rows
 
     def clear(self) -> None:
         self.cache.clear()
         self._rows.clear()
+        self._seq_routed.clear()

@@ -262,3 +262,27 @@ def test_inference_routes_once_per_batch_until_the_logits_change(router, h, monk
         layer(x).sum().backward()
         layer(x).sum().backward()
     assert len(calls) == before + 2 and layer.router_logits.grad is not None
+
+
+@pytest.mark.parametrize("router", ["poly", "topk"])
+def test_decode_steps_reuse_the_prefills_routing(router, monkeypatch):
+    # per-sequence rows are the same for the prefill (B, S) and every decode step (B, 1): the
+    # router runs once for the whole generate loop; per-token rows differ by shape and do not share
+    layer = make_layer(router=router, h=1)
+    tasks = torch.tensor([4, 0, 2])
+    step = torch.randn(3, 1, 12)
+    want = expected(layer, step, tasks)
+    calls = []
+    route = layer._route
+    monkeypatch.setattr(layer, "_route", lambda *a, **k: calls.append(1) or route(*a, **k))
+    with routedlora.routing(layer, tasks), torch.no_grad():
+        layer(torch.randn(3, 5, 12))  # the prefill
+        out = layer(step)
+        assert len(calls) == 1
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(step), out, rtol=0, atol=0)  # later steps too
+        assert len(calls) == 1
+    with routedlora.routing(layer, tasks[:, None].expand(3, 5)), torch.no_grad():
+        layer(torch.randn(3, 5, 12))
+        layer(torch.randn(3, 5, 12))
+        assert len(calls) == 2  # per-token rows: one batch, routed once
