@@ -174,7 +174,8 @@ class RoutedLoraConfig:
         for name in ("gumbel", "renormalize", "init_weights"):
             check_bool(name, getattr(self, name))
         check_int("seed", self.seed, optional=True)
-        if self.router in ("topk", "mta") and self.top_k > self.n_skills:
+        uses_top_k = self.router == "topk" or (self.router == "mta" and "topk" in (self.mta_routing, self.mta_stage2))
+        if uses_top_k and self.top_k > self.n_skills:
             raise ValueError(f"top_k: {self.top_k} exceeds n_skills={self.n_skills}")
         # Router options (mttl's, PEFT PR #1297's); the defaults are PEFT Poly's behaviour.
         ROUTER_GRANULARITIES, ROUTER_SELECTORS = ("layer", "block", "model"), ("learned", "private")

@@ -96,6 +96,15 @@ class MTALinear(RoutedLoraLinear):
             "shared_A", "shared_B", "gate")
 
     @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "shared_A" in self._parameters:  # the base __init__ calls this before the MTA parameters exist
+            for module in self.gate:
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+            self._reset_mta_parameters()
+
+    @torch.no_grad()
     def _reset_mta_parameters(self) -> None:
         cfg = self.config
         t = torch.arange(cfg.n_tasks, device=self.router_logits.device)

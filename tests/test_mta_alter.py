@@ -338,3 +338,27 @@ def test_an_adapter_saved_before_the_mta_options_loads_with_the_behaviour_it_had
     routedlora.load_adapter(fresh, path)
     got = routedlora.model_config(fresh)
     assert (got.mta_init, got.mta_routing, got.mta_stage2, got.mta_gate) == ("own_skill", "topk", "topk", "tanh")
+
+
+@pytest.mark.parametrize("init,gate", [("alter", "alter"), ("own_skill", "tanh")])
+def test_reset_parameters_gives_the_mta_init_again(init, gate):
+    torch.manual_seed(0)
+    layer = MTALinear(nn.Linear(8, 6), n_tasks=3, n_skills=4, r=2, router="mta", mta_init=init, mta_gate=gate)
+    fresh = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(1.0)
+    layer.reset_parameters()
+    w = layer.route(torch.arange(3)).w[:, 0]
+    assert float(torch.topk(w, 2, dim=-1).values[:, 1].min()) >= (0.1 if init == "alter" else 0.0)
+    assert torch.equal(layer.shared_B, torch.zeros_like(layer.shared_B))
+    if init == "alter":  # deterministic pattern: exactly as built
+        assert torch.equal(layer.router_logits, fresh["router_logits"])
+    if gate == "tanh":
+        assert torch.equal(layer.gate[-1].bias, fresh["gate.2.bias"])
+
+
+def test_top_k_is_checked_only_where_top_k_routes():
+    RoutedLoraConfig(target_modules=["q"], n_tasks=2, n_skills=2, router="mta", top_k=3)  # dense + fixed pair
+    with pytest.raises(ValueError, match="top_k"):
+        RoutedLoraConfig(target_modules=["q"], n_tasks=2, n_skills=2, router="mta", top_k=3, mta_routing="topk")
