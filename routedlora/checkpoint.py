@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import RoutedLoraConfig
+from .durable import fsync_dir
 from .inject import _CONFIG_ATTR, _layer_class, _matches, eject, inject, model_config, routed_layers, set_trainable
 from .layer import SUPPORTED_BASES, RoutedLoraLinear, base_features, is_supported_base
 from .mta import MTALinear
@@ -108,21 +109,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         except OSError:
             pass
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    # the rename itself survives a crash only once the directory entry is flushed (POSIX)
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(directory)  # the rename itself survives a crash only once the directory entry is flushed
 
 
 # --------------------------------------------------------------------------- reading

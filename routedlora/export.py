@@ -25,13 +25,13 @@ import operator
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from .durable import install, make_sibling_dir, write_durably
 from .inject import routed_layers
 from .layer import RoutedLoraLinear
 
@@ -193,29 +193,16 @@ def _adapter_config(targets: Dict[str, int], fan_in_fan_out: bool, task_type: Op
 
 
 def _write_folder(out_dir: str, name: str, config: dict, tensors: Dict[str, torch.Tensor], overwrite: bool) -> str:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     final = os.path.join(out_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+    tmp = make_sibling_dir(out_dir, f".{name}.tmp-")
     try:
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        weights = os.path.join(tmp, ADAPTER_WEIGHTS)
-        save_file(tensors, weights, metadata={"format": "pt"})
-        with open(weights, "rb") as f:
-            os.fsync(f.fileno())
-        old = None
-        if os.path.lexists(final):
-            if not overwrite:  # appeared while we wrote
-                raise FileExistsError(f"out_dir: {final} exists")
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_dir)
-            os.rename(final, os.path.join(old, name))
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        write_durably(os.path.join(tmp, ADAPTER_CONFIG), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        write_durably(os.path.join(tmp, ADAPTER_WEIGHTS), save(tensors, metadata={"format": "pt"}))
+        if os.path.lexists(final) and not overwrite:  # appeared while we wrote
+            raise FileExistsError(f"out_dir: {final} exists")
+        install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -329,10 +329,7 @@ class RoutedLoraLinear(nn.Module):
         return Routing(idx, w)
 
     def _noise_rows(self) -> Optional[Tuple[int, int]]:
-        state = self._block_state()
-        if state is None and _recomputing():
-            state = self._last_state
-        return getattr(state, "noise_rows", None)
+        return getattr(self._current_state(), "noise_rows", None)
 
     def noise_generator_state(self) -> Optional[Tensor]:
         """Batch counter of this layer's seeded Gumbel noise (``config.seed`` set); ``None`` otherwise.

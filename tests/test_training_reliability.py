@@ -16,7 +16,7 @@ import torch
 
 import routedlora
 from routedlora.training import CharTokenizer, MultiTaskTrainer, TaskSampler, TrainConfig, apply_recipe, load_jsonl
-from routedlora.training import checkpoint_files as files_mod
+from routedlora import durable
 from routedlora.training import trainer as trainer_mod
 from routedlora.training import synthetic_tasks
 from routedlora.training.models import default_targets, tiny_llama
@@ -133,7 +133,7 @@ def test_checkpoint_has_a_manifest_with_every_file_hashed(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_save_replaces_an_existing_checkpoint_whole(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(files_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(durable, "_exchange", lambda a, b: False)
     t, path = saved(tmp_path, steps=2)
     t.config.steps = 3
     t.train()
@@ -168,7 +168,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_complete(tmp_path, monkeypatch,
     elif where == "manifest":
         monkeypatch.setattr(trainer_mod, "file_digest", boom)
     else:
-        monkeypatch.setattr(files_mod, "_exchange", boom)
+        monkeypatch.setattr(durable, "_exchange", boom)
     with pytest.raises(OSError, match="simulated"):
         t.save_checkpoint(path)
     assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == before
@@ -180,7 +180,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_complete(tmp_path, monkeypatch,
 
 def test_two_renames_put_the_old_checkpoint_back_when_the_second_fails(tmp_path, monkeypatch):
     t, path = saved(tmp_path, steps=2)
-    monkeypatch.setattr(files_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(durable, "_exchange", lambda a, b: False)
     real, calls = os.rename, []
 
     def flaky(a, b):

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import _FORMAT, adapter_state_dict
+from ..durable import fsync_dir, install, make_sibling_dir, write_durably
 from ..inject import model_config, routed_layers, routing, set_trainable
 from ..recipes import mta_stage2, param_groups
 from .checkpoint_files import (ABSENT, ADAPTER_FILE, CHECKPOINT_FORMAT, FREE_ROUTED_FIELDS, FREE_TRAIN_FIELDS,
                                MANIFEST_FILE, STRUCTURAL_ROUTED_FIELDS, check_optimizer_state, check_replaceable,
-                               file_digest, fsync_dir, install, make_sibling_dir, raise_on_any_rank, read_manifest,
-                               safetensors_metadata, state_file, valid_generator_state, verified_bytes, version,
-                               write_durably)
+                               file_digest, raise_on_any_rank, read_manifest, safetensors_metadata, state_file,
+                               valid_generator_state, verified_bytes, version)
 from .data import collate
 from .distributed import (PARALLEL, broadcast_object, copy_full_, first_error, full_tensor, rank_world,
                           shard_fsdp2, wrap_ddp)
