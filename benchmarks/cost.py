@@ -3,7 +3,9 @@
     python -m benchmarks.run --only cost --out DIR     # writes DIR/cost.json, cost.md, cost.png
 
 For each implementation, case (``design``: bf16, d=o=4096, r=16, m=8, 64 tasks, 64 sequences of
-256 tokens; ``decode``: bf16, 8 sequences of 1 token, 8 tasks, same layer), heads (1, 4) and
+256 tokens; ``decode``: bf16, 8 sequences of 1 token, 8 tasks, same layer; ``mlp`` and
+``mlp-decode``: the same at o=11008, a base weight larger than L2, with 64 sequences of 256 tokens
+and 64 sequences of 1 token, 64 tasks), heads (1, 4) and
 pass (``fwd``: evaluation, no autograd; ``fwd+bwd``: training, Gumbel noise on), the whole
 layer is run at full size under :class:`benchmarks.counting.CountingMode`, base GEMM included,
 and gives:
@@ -35,6 +37,7 @@ import torch
 
 from routedlora.ops import plan
 from routedlora.ops.plan import H100
+from routedlora.ops.tile_order import H100_L2_BYTES, H100_SMS  # waves and L2 of the device model
 
 from .counting import saved_bytes
 from .peers import LayerCase, LayerInputs, layer_peers, routedlora_peer
@@ -43,7 +46,7 @@ DEVICE_MODEL = {
     "name": "NVIDIA H100 SXM5 80GB",
     "hbm_bandwidth_bytes_per_s": H100.read_bw,
     "peak_flops_per_s": {"bfloat16": H100.peak(2), "float16": H100.peak(2), "float32": H100.peak(4)},
-    "l2_bytes": 50 * 2**20,
+    "l2_bytes": H100_L2_BYTES,
     "l2_bandwidth_bytes_per_s": 5.5e12,
     "launch_s": 3e-6,
     "sources": "HBM3 3.35 TB/s, 989 dense bf16/fp16 tensor TFLOP/s, 67 fp32 TFLOP/s (non-tensor), 50 MB L2: NVIDIA "
@@ -53,34 +56,35 @@ DEVICE_MODEL = {
     "kind": "projection, not a measurement",
 }
 
-IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]", "routedlora[triton]",
-         "routedlora[cuda]")
-H100_SMS = 132  # the decode shrink splits d/h to fill them (csrc/decode.cu's decode_splits)
+# routedlora[cuda] runs the triton kernels on these cases (its own kernel groups token-level rows)
+IMPLS = ("base", "peft_lora", "peft_poly", "per_task_loop", "routedlora[torch]", "routedlora[triton]")
 
 
 def hbm_bytes(traffic) -> float:
     """A kernel's main-memory traffic: each argument's distinct bytes if it fits in L2, else every
     request (a tensor re-read by many programs is re-read from HBM once L2 cannot hold it).
 
-    An argument the launcher declares *streamed* (each of its tiles read by a run of consecutive
-    programs) counts once if one wave of programs' tiles of it, plus every re-read argument that
-    fits in L2, fit in L2 together; else every request."""
+    The arguments a (token tile, column) grid streams (the fused expand's x rows and base-weight
+    panels, ``traffic.order``) follow that order's wave rule instead
+    (``routedlora.ops.tile_order.TileOrder.hbm_bytes``), with the re-read arguments that fit in L2
+    resident beside them."""
     l2 = DEVICE_MODEL["l2_bytes"]
-    streamed = getattr(traffic, "streamed", {})
+    order = getattr(traffic, "order", None)
+    streamed = set(order.by_tile) | set(order.by_col) if order is not None else set()
     resident = sum(d for a, d in traffic.distinct.items()
                    if a not in streamed and d <= l2 and traffic.requested.get(a, 0) > d)
+    waves = order.hbm_bytes(l2, H100_SMS, resident) if order is not None else {}
     total = 0.0
     for a, d in traffic.distinct.items():
-        if a in streamed and d > l2:
-            tile, programs = streamed[a]
-            wave = (-(-H100_SMS // programs) + 1) * tile  # tiles of the programs in flight, one more started
-            d = d if resident + wave <= l2 else traffic.requested.get(a, 0)
-        total += d if d <= l2 or a in streamed else traffic.requested.get(a, 0)
+        if a in waves:
+            total += waves[a]
+        else:
+            total += d if d <= l2 else traffic.requested.get(a, 0)
     return float(total)
 
 
 def _priced(traffic):
-    """A recorded launch (a triton or csrc traffic formula) as a counted kernel."""
+    """A recorded launch (a launcher's traffic formula) as a counted kernel."""
     from .counting import Kernel
 
     dtype = traffic.variant.get("dtype", "torch.float32").replace("torch.", "")
@@ -112,6 +116,11 @@ def cases(heads=(1, 4)) -> Dict[str, List[LayerCase]]:
                              seq_len=256) for h in heads],
         "decode": [LayerCase(tokens=8, tasks=8, heads=h, skills=8, rank=16, d=4096, o=4096, dtype="bfloat16",
                              seq_len=1) for h in heads],
+        # a feed-forward projection whose base weight (90 MB) does not fit in L2: a Llama-7B gate/up_proj
+        "mlp": [LayerCase(tokens=16384, tasks=64, heads=h, skills=8, rank=16, d=4096, o=11008, dtype="bfloat16",
+                          seq_len=256) for h in heads],
+        "mlp-decode": [LayerCase(tokens=64, tasks=64, heads=h, skills=8, rank=16, d=4096, o=11008,
+                                 dtype="bfloat16", seq_len=1) for h in heads],
     }
 
 
@@ -163,62 +172,17 @@ def _module(peer):
 
 def count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
     with plan.assume_device("cuda"):  # routedlora[torch] picks its algorithm as on the projected GPU
-        return _count_impl(name, inp, peer, pass_)
+        return _count_layer(name, inp, peer, pass_)
 
 
-class _PricedCsrc:
-    """Stands in for the ``routedlora_cuda`` ops while counting: outputs allocated (or, for the small
-    grouping metadata, computed by torch), and each launch recorded from its traffic formula."""
-
-    def __init__(self):
-        self.mode = None
-
-    def _add(self, traffic):
-        self.mode.counts.kernels.append(_priced(traffic))
-
-    def decode_forward(self, x, A, B, idx, w, route_ids, base, scale, params):
-        from routedlora.ops import cuda_backend
-
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        N, (h, _, dh, r), oh, K = x.shape[0], A.shape, B.shape[-1], idx.shape[2]
-        with _disable_current_modes():
-            splits = cuda_backend.decode_splits(N, h, dh, H100_SMS)
-            for t in cuda_backend.decode_traffic(x, A, B, idx, w, route_ids, base, params, splits):
-                self._add(t)
-        y = x.new_empty(N, h * oh)
-        return y, x.new_empty((N, r) if params else (N, K, r), dtype=torch.float32)
-
-    def group_by_row(self, route_ids, R):
-        from routedlora.ops import cuda_backend, triton_backend
-
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        with _disable_current_modes():
-            self._add(cuda_backend.group_traffic(route_ids, R))
-            return triton_backend._routing_meta(route_ids, R)
-
-
-def _count_impl(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
-    if name == "routedlora[cuda]":
-        from routedlora.ops import cuda_backend
-
-        csrc = _PricedCsrc()
-        with cuda_backend.use_kernels(csrc):
-            return _count_layer(name, inp, peer, pass_, csrc)
-    return _count_layer(name, inp, peer, pass_)
-
-
-def _count_layer(name: str, inp: LayerInputs, peer, pass_: str, csrc=None) -> dict:
+def _count_layer(name: str, inp: LayerInputs, peer, pass_: str) -> dict:
     module = _module(peer)
-    expand = _triton_expansions() if name in ("routedlora[triton]", "routedlora[cuda]") else None
+    expand = _triton_expansions() if name == "routedlora[triton]" else None
 
     def count(fn):
         from .counting import CountingMode
 
         with CountingMode(expand=expand) as mode:
-            if csrc is not None:
-                csrc.mode = mode
             fn()
         return mode.counts
     with contextlib.ExitStack() as stack:
@@ -319,60 +283,24 @@ def triton_resources(specs: List[dict]) -> Dict[str, dict]:
     return {k: known[k] for k in keys}
 
 
-def csrc_resources() -> Dict[tuple, dict]:
-    """sm_90a resources of every csrc kernel instantiation, by (kernel, dtype, flags); cached per source."""
-    import hashlib
-
-    from routedlora import cuda_build
-    from routedlora.cuda_build import cache_root
-    from routedlora.triton_kernels.compile_check import occupancy
-
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(cuda_build.csrc_dir().glob("*.cu*")))).hexdigest()
-    cache = cache_root() / f"csrc-resources-{digest[:16]}.json"
-    if cache.exists():
-        found = json.loads(cache.read_text())
-    else:
-        found = cuda_build.kernel_resources()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(found))
-    return {(f["kernel"], f["dtype"], tuple(f["flags"])):
-            dict(registers=f["registers"], spill_bytes=f["spill_bytes"],
-                 **occupancy(f["registers"], f["threads"] // 32, f["shared_bytes"])) for f in found}
-
-
-_CSRC_FLAGS = {"decode_shrink_kernel": ("PARAMS",), "decode_expand_kernel": ("PARAMS", "HAS_BASE"),
-               "group_by_row_kernel": ("SHARED",)}
-
-
 def _attach_resources(rows: List[dict]) -> None:
-    """Add each custom kernel's sm_90 resources to its detail, and the worst of them to its row."""
+    """Add each Triton kernel's sm_90 resources to its detail, and the worst of them to its row."""
     kernels = [k for r in rows for k in r.get("kernels", ()) if len(k) > 3]
-    triton_kernels = [k for k in kernels if k[0] not in _CSRC_FLAGS]
     specs = {json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True): _spec(k[3]["variant"], k[0])
-             for k in triton_kernels}
-    found, errors = {}, []
+             for k in kernels}
+    found, error = {}, None
     try:
         found.update(triton_resources(list(specs.values())) if specs else {})
     except Exception as e:  # no compiler here: the counts stand without the resources
-        errors.append(f"triton: {type(e).__name__}: {e}")
-    if any(k[0] in _CSRC_FLAGS for k in kernels):
-        try:
-            for key, res in csrc_resources().items():
-                found[repr(key)] = res
-        except Exception as e:
-            errors.append(f"csrc: {type(e).__name__}: {e}")
+        error = f"triton: {type(e).__name__}: {e}"
 
     def key_of(k):
-        v = k[3]["variant"]
-        if k[0] in _CSRC_FLAGS:
-            dtype = v.get("dtype", "").replace("torch.", "") or None
-            return repr((k[0], dtype, tuple(bool(v[f]) for f in _CSRC_FLAGS[k[0]])))
-        return json.dumps(_spec(v, k[0]), sort_keys=True)
+        return json.dumps(_spec(k[3]["variant"], k[0]), sort_keys=True)
 
     for r in rows:
         mine = [k for k in r.get("kernels", ()) if len(k) > 3 and key_of(k) in found]
-        if errors and any(len(k) > 3 for k in r.get("kernels", ())):
-            r["resources_error"] = "; ".join(errors)
+        if error and any(len(k) > 3 for k in r.get("kernels", ())):
+            r["resources_error"] = error
         for k in mine:
             k[3]["resources"] = found[key_of(k)]
         if mine:
@@ -388,8 +316,7 @@ def run(progress=None, impls=IMPLS, heads=(1, 4), resources: bool = True) -> dic
     for case_name, case_list in cases(heads).items():
         for case in case_list:
             inp = LayerInputs(case, device, case.seq_len)
-            peers = dict(layer_peers(device, case), **{"routedlora[triton]": routedlora_peer("triton"),
-                                                       "routedlora[cuda]": routedlora_peer("cuda")})
+            peers = dict(layer_peers(device, case), **{"routedlora[triton]": routedlora_peer("triton")})
             for name in impls:
                 if name not in peers:
                     continue
@@ -434,7 +361,7 @@ def _relative(rows: List[dict]) -> None:
 
 
 def n_runs(heads=(1, 4)) -> int:
-    return 2 * len(heads) * len(IMPLS)
+    return len(cases(heads)) * len(heads) * len(IMPLS)
 
 
 def _fmt(v, spec):

@@ -199,6 +199,37 @@ def test_tile_classes_and_ranks(cls, r, combine, h, kind):
                     base_kind="linear", algo=algo, seed=r)
 
 
+@pytest.mark.parametrize("group", [2, 3, 64])
+def test_grouped_program_orders_compute_the_same(group):
+    # the fused expand's grouped order (a base weight larger than L2: `group` token tiles side by
+    # side per column panel): every program does the same work, in another order, so the output
+    # and every gradient are bitwise those of the column-fastest order; 5 token tiles, so a group
+    # of 2 or 3 leaves a short last group
+    g = torch.Generator().manual_seed(group)
+    x = torch.randn(70, 24, generator=g).to(DEVICE)
+    A = (torch.randn(2, 4, 12, 3, generator=g) * 0.3).to(DEVICE)
+    B = (torch.randn(2, 4, 3, 21, generator=g) * 0.5).to(DEVICE)
+    W = (torch.randn(42, 24, generator=g) * 0.2).to(DEVICE)
+    bias = torch.randn(42, generator=g).to(DEVICE)
+    logits = torch.randn(6, 2, 4, generator=g).to(DEVICE)
+    route_ids = torch.randint(0, 6, (70,), generator=g).to(DEVICE)
+    runs = []
+    for grp in (1, group):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, logits)]
+        with triton_backend.tile_override(dict(triton_backend._INTERPRETER_TILES, GROUP=grp)):
+            rt = routers.poly_route(leaves[3])
+            y = routed_lora(leaves[0], leaves[1], leaves[2], rt.idx, rt.w, route_ids, scale=0.5, weight=W, bias=bias,
+                            backend="triton")
+            runs.append([y] + list(torch.autograd.grad(y.square().sum(), leaves)))
+    for name, a, b in zip(["y", "dx", "dA", "dB", "dlogits"], *runs):
+        assert torch.equal(a, b), name
+    with triton_backend.tile_override(dict(triton_backend._INTERPRETER_TILES, GROUP=group)):
+        compare(N=70, d=24, o=42, r=3, h=2, m=4, R=6, combine="params", kind="poly", dtype=torch.float32,
+                base_kind="linear")
+        compare(N=70, d=24, o=42, r=3, h=1, m=4, R=6, combine="outputs", kind="topk", dtype=torch.float32,
+                base_kind="linear")
+
+
 def test_weight_gradients_are_deterministic():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 16, generator=g).to(DEVICE)

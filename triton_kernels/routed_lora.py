@@ -17,7 +17,9 @@ Six kernels serve forward and backward:
                        the skills' ``(r, oh)`` matrices, added to a base output or,
                        ``LINEAR``, to the base linear ``x Wᵀ + b`` computed in the
                        same tile (the base GEMM with the LoRA as its prologue: the
-                       output is written once, no delta in memory).
+                       output is written once, no delta in memory). Its programs run
+                       in groups of token tiles (``routedlora/ops/tile_order.py``), so
+                       a base weight larger than L2 streams from HBM once per group.
 * ``_row_reduce_kernel``  per routing row, ``x_ρᵀ dU_ρ`` and ``γ g_ρᵀ u_ρ`` (float32):
                        the backward's one pass over ``x`` and one over the gradient
                        for rows of many tokens.
@@ -205,18 +207,25 @@ def _sum_parts(ptrs, mask, SPLITS, su_p, BLOCK_N: tl.constexpr, BLOCK_R: tl.cons
 def _expand_kernel(U, M, IDX, WGT, ORDER, SROWS, BASE, Y, X, WT, BIAS, UOUT,
                    N, ROWS, SKILLS, OH, RANK, K, HEADS, DIN, SPLITS, scale,
                    su_p, su_n, su_k, su_r, sm_q, sm_s, sm_r, sm_o, si_r, si_q, si_k, sb_n, sb_o, sy_n, sy_o,
-                   sx_n, sx_k, sw_k, sw_o, st_n, st_k,
+                   sx_n, sx_k, sw_k, sw_o, st_n, st_k, GROUP,
                    MIX: tl.constexpr, HAS_BASE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
                    STORE_U: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    # one program per (token tile, head, column block), column blocks fastest: the programs that
-    # run side by side share a token tile, so its x rows (LINEAR) are read from HBM once
+    # one program per (token tile, head, column block), GROUP token tiles at a time, token tile
+    # fastest inside a group (routedlora/ops/tile_order.py): GROUP = 1 shares a token tile's x rows
+    # among the programs side by side; a larger GROUP also shares each column panel of a base weight
+    # too large for L2 among GROUP of them, so it streams from HBM once per group, not per tile
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(OH, BLOCK_O)
-    pid_n = pid // (HEADS * col_blocks)
-    q = (pid // col_blocks) % HEADS
-    pid_o = pid % col_blocks
+    per_group = GROUP * HEADS * col_blocks
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP)
+    local = pid % per_group
+    pid_n = first + local % size
+    col = local // size
+    q = col // col_blocks
+    pid_o = col % col_blocks
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = offs < N
     tok = tl.load(ORDER + offs, mask=valid, other=0)

@@ -26,6 +26,7 @@ routing-gradient partials. Nothing ``d x r`` is stored per token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .rank_space import sparse_index
+from .tile_order import H100_L2_BYTES, H100_SMS, TileOrder, best_group
 
 _kernels = None
 _this_module = sys.modules[__name__]
@@ -171,10 +173,9 @@ class Traffic:
     distinct: Dict[str, int]  # bytes per kernel argument, each address once
     flops: int
     variant: dict = field(default_factory=dict)  # the constexprs and dtypes the launch compiles with
-    # arguments the program order streams: each tile of them (``bytes``) is read by ``programs``
-    # programs that are consecutive in the grid, so it is re-read from L2 while they run, not from
-    # HBM, as long as one wave's tiles and the re-read arguments fit in L2 (benchmarks/cost.py)
-    streamed: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (tile bytes, programs)
+    # the program order of a (token tile, column) grid and the arguments it streams: their HBM bytes
+    # follow its wave rule (tile_order.py), not the distinct-or-every-request rule of the others
+    order: Optional[TileOrder] = None
 
 
 _recorder: Optional[List[Traffic]] = None
@@ -231,8 +232,10 @@ def _blocks_of(width: int, block: int) -> List[int]:
     return [min(block, width - w0) for w0 in range(0, width, block)]
 
 
-_FILL_PROGRAMS = 132  # one program per SM of an H100: a smaller grid is split (tokens, or d) to fill it
-_MAX_SPLITS = 32  # partials the expand sums per tile: beyond this the sum costs more than the fill gains
+_FILL_PROGRAMS = H100_SMS  # one program per SM of an H100: a smaller grid is split (tokens, or d) to fill it
+# partials of a full token tile the expand sums: beyond this the sum costs more than the fill gains;
+# a tile of fewer tokens may have proportionally more (the same bytes summed per program)
+_MAX_SPLITS = 32
 
 
 def _narrow_to_fill(b: dict, key: str, floor: int, programs) -> None:
@@ -245,11 +248,14 @@ def _narrow_to_fill(b: dict, key: str, floor: int, programs) -> None:
 def _split_k(N: int, h: int, dh: int, b: dict) -> Tuple[int, int]:
     """``(splits, steps per split)`` of the shrink's (head, column block) walk: a grid of too few
     token tiles to fill the GPU is split along ``d`` (narrower column blocks first, down to 64: the
-    bf16 variant at 32 spills registers on sm_90)."""
+    bf16 variant at 32 spills registers on sm_90), into at most ``_MAX_SPLITS`` partials per full
+    tile of tokens (``16×`` that for one token in a 16-token tile: the expand then sums the same
+    bytes per program)."""
     tiles = triton_cdiv(N, b["BLOCK_N"])
     _narrow_to_fill(b, "BLOCK_D", 64, lambda bd: tiles * h * triton_cdiv(dh, bd))
     total = h * triton_cdiv(dh, b["BLOCK_D"])
-    steps = triton_cdiv(total, min(total, _MAX_SPLITS, triton_cdiv(_FILL_PROGRAMS, tiles)))
+    most = _MAX_SPLITS * b["BLOCK_N"] // max(1, min(N, b["BLOCK_N"]))
+    steps = triton_cdiv(total, min(total, most, triton_cdiv(_FILL_PROGRAMS, tiles)))
     return triton_cdiv(total, steps), steps
 
 
@@ -356,6 +362,51 @@ def _expand_grid(N: int, h: int, oh: int, b: dict) -> tuple:
     return (tiles * h * triton_cdiv(oh, b["BLOCK_O"]),)
 
 
+def _gpu_cache(device) -> Tuple[int, int]:
+    """(L2 bytes, SMs) of ``device``; an H100's off a GPU (the interpreter, the cost harness)."""
+    if device is not None and torch.device(device).type == "cuda" and _recorder is None:
+        return _cuda_cache(torch.device(device).index or 0)
+    return H100_L2_BYTES, H100_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_cache(index: int) -> Tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "L2_cache_size", 0) or H100_L2_BYTES, props.multi_processor_count
+
+
+def _expand_order(N: int, h: int, oh: int, b: dict, linear, group: int) -> Optional[TileOrder]:
+    """The fused expand's program order with the x tiles and base-weight panels it streams."""
+    if linear is None:
+        return None
+    X, WT, _ = linear
+    BN, din = b["BLOCK_N"], X.shape[1]
+    tiles = tuple(min(BN, N - t0) * din * X.element_size() for t0 in range(0, N, BN))
+    cols = tuple(din * wo * WT.element_size() for _ in range(h) for wo in _blocks_of(oh, b["BLOCK_O"]))
+    return TileOrder(len(tiles), len(cols), group, {"X": tiles}, {"WT": cols})
+
+
+def _expand_group(N: int, h: int, oh: int, skill_bytes: int, b: dict, linear, device) -> int:
+    """Token tiles per group of the fused expand's program order: the one reading the least from
+    HBM on this GPU's L2 (``tile_order.best_group``); 1 without a base linear."""
+    if linear is None:
+        return 1
+    X, WT, _ = linear
+    l2, sms = _gpu_cache(device)
+    tiles = triton_cdiv(N, b["BLOCK_N"])
+    return _best_group(1 << max(tiles - 1, 0).bit_length(), b["BLOCK_N"], X.shape[1], X.element_size(),
+                       WT.element_size(), h, oh, b["BLOCK_O"], h * skill_bytes * oh, l2, sms)
+
+
+@functools.lru_cache(maxsize=512)
+def _best_group(tiles: int, BN: int, din: int, ex: int, ew: int, h: int, oh: int, BO: int, resident: int, l2: int,
+                sms: int) -> int:
+    # keyed on the token tiles rounded up to a power of two: a batch of a new length costs a
+    # dictionary lookup, not a simulation (the best group barely moves within a factor of two)
+    cols = tuple(din * wo * ew for _ in range(h) for wo in _blocks_of(oh, BO))
+    return best_group(tiles, (BN * din * ex,) * tiles, cols, l2, sms, resident)
+
+
 def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None, u_out=None):
     """``y = base + scale * expand(ΣU)``; ``U``: the shrink's partials ``(S, N, r)`` or ``(S, N, K, r)``,
     summed in split order; ``M`` viewed as (h, m, r, oh).
@@ -370,6 +421,7 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None
         return y
     b = _blocks(N, oh, r, _tiles(N, _interpret()), U.device)
     grid = _expand_grid(N, h, oh, b)
+    b.setdefault("GROUP", _expand_group(N, h, oh, m * r * M.element_size(), b, linear, U.device))
     su = (U.stride(1), 0, U.stride(2)) if mix else U.stride()[1:]
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
     st = (u_out.stride(0), u_out.stride(1) if u_out.dim() == 3 else 0) if u_out is not None else (0, 0)
@@ -383,6 +435,7 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None
         N, idx.shape[0], m, oh, r, K, h, X.shape[1] if linear is not None else 0, U.shape[0], float(scale),
         U.stride(0), *su, *M.stride(), *idx.stride(), *sb, y.stride(0), y.stride(1),
         *((X.stride(0), X.stride(1), WT.stride(0), WT.stride(1)) if linear is not None else (0, 0, 0, 0)), *st,
+        b["GROUP"],
         MIX=mix, HAS_BASE=base is not None, LINEAR=linear is not None, HAS_BIAS=bias is not None,
         STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=b["BLOCK_N"], BLOCK_O=b["BLOCK_O"],
         BLOCK_R=b["BLOCK_R"], BLOCK_K=b["BLOCK_K"], num_warps=b["num_warps"], num_stages=b["num_stages"])
@@ -430,10 +483,8 @@ def expand_traffic(U, M, idx, w, srows, K, mix, y, base, linear, b, grid, u_out=
     variant = dict(MIX=mix, HAS_BASE=base is not None, LINEAR=X is not None, HAS_BIAS=bias is not None,
                    STORE_U=u_out is not None, PREC=_prec(M.dtype), BLOCK_N=BN, BLOCK_O=BO, BLOCK_R=BR, BLOCK_K=BK,
                    dtype=str(M.dtype), num_warps=b["num_warps"], num_stages=b["num_stages"])
-    # a token tile's x rows are read by its h * o-blocks programs, consecutive in the grid
-    # (column blocks fastest)
-    streamed = {"X": (BN * din * X.element_size(), h * len(oblocks))} if X is not None else {}
-    return Traffic("_expand_kernel", grid, req, dist, flops, variant, streamed=streamed)
+    order = _expand_order(N, h, oh, b, linear, b.get("GROUP", 1))
+    return Traffic("_expand_kernel", grid, req, dist, flops, variant, order=order)
 
 
 def _row_reduce(x, du, grad, u, order, offs, G, Hh, scale):
