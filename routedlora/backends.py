@@ -7,9 +7,9 @@ exposing ``forward(x, A, B, idx, w, route_ids, scale, combine, base)`` and
 * ``torch``: the reference, any device.
 * ``triton``: fused kernels (:mod:`routedlora.ops.triton_backend`); needs triton and
   a CUDA device, or the CPU interpreter (``TRITON_INTERPRET=1``, slow, for tests).
-* ``cuda``: the CUDA C++ kernels of ``csrc/`` (decode-sized forward, token grouping),
-  built with ninja on first use, and the triton kernels for the rest
-  (:mod:`routedlora.ops.cuda_backend`, whose ``coverage()`` says which part runs where).
+* ``cuda``: the triton kernels, fed the token grouping by the CUDA C++ kernel of ``csrc/``,
+  built with ninja on first use (:mod:`routedlora.ops.cuda_backend`, whose ``coverage()``
+  says which part runs where).
   Refuses with :class:`~routedlora.cuda_build.CudaBackendUnavailable` naming what is
   missing (a CUDA build of torch, a GPU, nvcc, ninja, triton); never falls back silently.
 

@@ -103,8 +103,7 @@ def unavailable_reason(device=None) -> Optional[str]:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return ("backend='cuda' runs the training-sized forward and the backward through the triton "
-                "kernels: pip install triton")
+        return "backend='cuda' runs every forward and backward through the triton kernels: pip install triton"
     return None
 
 
@@ -237,17 +236,16 @@ def compile_check(archs: Sequence[str] = COMPILE_CHECK_ARCHS, bindings: bool = T
     return results
 
 
-# template arguments as nvcc mangles them, and each kernel's block size (csrc/*.cu)
-_MANGLED_TYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
-KERNEL_THREADS = {"decode_shrink_kernel": 256, "decode_expand_kernel": 256, "group_by_row_kernel": 1024}
+# each kernel's block size (csrc/*.cu)
+KERNEL_THREADS = {"group_by_row_kernel": 1024}
 
 
 def kernel_resources(arch: str = "sm_90a") -> List[dict]:
     """Registers, spills and static shared memory of every csrc kernel instantiation, from ptxas -v.
 
-    One dict per instantiation: ``kernel``, ``dtype`` (or None), ``flags`` (its bool template
-    arguments in order), ``registers``, ``spill_bytes``, ``shared_bytes``, ``threads``. Raises
-    FileNotFoundError when there is no nvcc.
+    One dict per instantiation: ``kernel``, ``flags`` (its bool template arguments in order),
+    ``registers``, ``spill_bytes``, ``shared_bytes``, ``threads``. Raises FileNotFoundError when
+    there is no nvcc.
     """
     import re
 
@@ -263,11 +261,9 @@ def kernel_resources(arch: str = "sm_90a") -> List[dict]:
                 m = re.search(r"Compiling entry function '([^']+)'", line)
                 if m:
                     name = m.group(1)
-                    k = re.search(r"(decode_shrink_kernel|decode_expand_kernel|group_by_row_kernel)I(.*?)EEv", name)
-                    args = k.group(2)
-                    dtype = next((d for mangled, d in _MANGLED_TYPES.items() if args.startswith(mangled)), None)
-                    flags = [b == "1" for b in re.findall(r"Lb([01])E", args)]
-                    entry = dict(kernel=k.group(1), dtype=dtype, flags=flags, threads=KERNEL_THREADS[k.group(1)])
+                    k = re.search(r"(%s)I(.*?)EEv" % "|".join(KERNEL_THREADS), name)
+                    flags = [b == "1" for b in re.findall(r"Lb([01])E", k.group(2))]
+                    entry = dict(kernel=k.group(1), flags=flags, threads=KERNEL_THREADS[k.group(1)])
                     found.append(entry)
                 m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
                 if m and entry is not None:

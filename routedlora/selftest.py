@@ -437,7 +437,7 @@ def run(args) -> dict:
         else:
             not_checked.append(f"backend cuda: {why}")
     elif not triton_ok:
-        not_checked.append("backend cuda (host emulator): its backward and larger forwards run the triton kernels, "
+        not_checked.append("backend cuda (host emulator): its forward and backward run the triton kernels, "
                            "which cannot run here")
     else:
         emu, why = load_emulator()

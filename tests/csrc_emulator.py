@@ -1,9 +1,8 @@
-"""The csrc kernels built for the host emulator (csrc/emulate), called on CPU tensors.
+"""The csrc kernel built for the host emulator (csrc/emulate), called on CPU tensors.
 
 Builds ``csrc/emulate/emu_exports.cpp`` with g++ once per source hash and loads it with
-ctypes. :func:`decode_forward` and :func:`group_by_row` take and return tensors the way
-the ``routedlora_cuda`` ops of ``csrc/bindings.cpp`` do (same scratch sizes, same
-split choice), so the same Python code can drive either.
+ctypes. :func:`group_by_row` takes and returns tensors the way the ``routedlora_cuda`` op
+of ``csrc/bindings.cpp`` does (same scratch size), so the same Python code can drive either.
 """
 from __future__ import annotations
 
@@ -22,14 +21,12 @@ import torch
 from routedlora import cuda_build
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-EMULATED_SMS = 4  # few blocks: the emulator runs blocks one after another
 
 _lib = None
 
 
 def cuda_include() -> Optional[str]:
-    """The toolkit's include dir (for cuda_fp16.h and friends), or None."""
+    """The toolkit's include dir (for cuda_runtime_api.h), or None."""
     return cuda_build.cuda_include_dir()
 
 
@@ -37,7 +34,7 @@ def unavailable_reason() -> Optional[str]:
     if shutil.which("g++") is None:
         return "no g++ to build the emulator"
     if cuda_include() is None:
-        return "no CUDA toolkit headers (cuda_fp16.h) found"
+        return "no CUDA toolkit headers (cuda_runtime_api.h) found"
     return None
 
 
@@ -57,13 +54,7 @@ def library():
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
-    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.rl_emu_decode_part_numel.restype = i64
-    lib.rl_emu_decode_part_numel.argtypes = [i64, i64, i64, i64, i64, i32]
-    lib.rl_emu_decode_splits.restype = i64
-    lib.rl_emu_decode_splits.argtypes = [i64, i64, i64, i32]
-    lib.rl_emu_decode_forward.restype = i32
-    lib.rl_emu_decode_forward.argtypes = [i32] + [ptr] * 10 + [i64] * 9 + [i32, f32]
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.rl_emu_group_scratch_numel.restype = i64
     lib.rl_emu_group_scratch_numel.argtypes = [i64]
     lib.rl_emu_group_by_row.restype = i32
@@ -116,33 +107,8 @@ def _p(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-# the scratch buffers of the last emulated launch (the traffic tests attribute accesses to them)
+# the scratch buffer of the last emulated launch (the traffic tests attribute accesses to it)
 last_scratch: dict = {}
-
-
-def decode_forward(x, A, B, idx, w, route_ids, base, scale: float, params: bool, splits: Optional[int] = None):
-    """``(y, saved)`` from the emulated decode kernels; mirrors ``routedlora_cuda::decode_forward``."""
-    lib = library()
-    N = x.shape[0]
-    h, m, dh, r = A.shape
-    oh = B.shape[-1]
-    R, _, K = idx.shape
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-    idx, w, route_ids = idx.long().contiguous(), w.float().contiguous(), route_ids.long().contiguous()
-    base = None if base is None else base.contiguous()
-    if splits is None:
-        splits = lib.rl_emu_decode_splits(N, h, dh, EMULATED_SMS)
-    part = torch.empty(lib.rl_emu_decode_part_numel(N, h, K, r, splits, int(params)), dtype=torch.float32)
-    y = torch.empty(N, h * oh, dtype=x.dtype)
-    saved = torch.empty((N, r) if params else (N, K, r), dtype=torch.float32)
-    err = lib.rl_emu_decode_forward(DTYPES[x.dtype], _p(x), _p(A), _p(B), _p(idx), _p(w), _p(route_ids), _p(base),
-                                    _p(y), _p(saved), _p(part), N, h, m, dh, r, oh, R, K, splits, int(params),
-                                    float(scale))
-    if err:
-        raise RuntimeError(f"decode_forward: launch refused (cudaError {err})")
-    last_scratch.clear()
-    last_scratch.update(part=part, splits=splits)
-    return y, saved
 
 
 def group_by_row(route_ids, R: int):
@@ -162,21 +128,7 @@ def group_by_row(route_ids, R: int):
     return order, srows, offs
 
 
-# --- the same two functions as torch custom ops, so torch.compile can trace the backend ---
-
-
-@torch.library.custom_op("routedlora_emu::decode_forward", mutates_args=())
-def _decode_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-               route_ids: torch.Tensor, base: Optional[torch.Tensor], scale: float,
-               params: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return decode_forward(x, A, B, idx, w, route_ids, base, scale, params)
-
-
-@_decode_op.register_fake
-def _(x, A, B, idx, w, route_ids, base, scale, params):  # mirrors decode_forward_meta in bindings.cpp
-    N, r, K = x.shape[0], A.shape[3], idx.shape[2]
-    return x.new_empty(N, A.shape[0] * B.shape[3]), x.new_empty((N, r) if params else (N, K, r),
-                                                                 dtype=torch.float32)
+# --- the same function as a torch custom op, so torch.compile can trace the backend ---
 
 
 @torch.library.custom_op("routedlora_emu::group_by_row", mutates_args=())
@@ -194,5 +146,4 @@ def _(route_ids, R):  # mirrors group_by_row_meta in bindings.cpp
 class ops:
     """Stand-in for ``torch.ops.routedlora_cuda`` (for ``cuda_backend.use_kernels``)."""
 
-    decode_forward = staticmethod(_decode_op)
     group_by_row = staticmethod(_group_op)

@@ -395,7 +395,7 @@ def test_repeated_skills_in_a_row(combine):
 @pytest.mark.parametrize("combine,h", [("params", 2), ("outputs", 1)])
 def test_out_of_range_ids_poison_only_their_tokens(combine, h, algo):
     # validate=False hands the kernels ids nobody checked: they must never become addresses; the
-    # tokens they touch come out NaN (the cuda decode kernels' contract), every other token exact
+    # tokens they touch come out NaN, every other token exact
     g = torch.Generator().manual_seed(5)
     N, d, o, r, m, R, K = 12, 8 * h, 6 * h, 3, 4, 4, 2
     x = torch.randn(N, d, generator=g).to(DEVICE)

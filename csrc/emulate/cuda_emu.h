@@ -1,9 +1,9 @@
 // A CUDA execution emulator for testing the kernels on a machine without a GPU.
 //
-// Included by common.cuh when RL_EMULATE is defined, after the toolkit's host headers
-// (types, half and bfloat16 conversions). A launch runs the grid's blocks one after
-// another; inside a block every CUDA thread is a host thread, so __syncthreads is a
-// real barrier and __shared__ (mapped to `static`) is one array all of them see. Warp
+// Included by common.cuh when RL_EMULATE is defined, after the toolkit's host runtime
+// header (dim3, cudaError_t). A launch runs the grid's blocks one after another; inside
+// a block every CUDA thread is a host thread, so __syncthreads is a real barrier and
+// __shared__ (mapped to `static`) is one array all of them see. Warp
 // intrinsics exchange values through a per-warp slot array between two barriers, so
 // they are only defined for full warps with every lane taking part, which is the only
 // way the kernels use them. A kernel that skips a barrier on some threads hangs here
@@ -106,13 +106,6 @@ uint64_t to_bits(T v) {
   return b;
 }
 
-template <typename T>
-T from_bits(uint64_t b) {
-  T v;
-  std::memcpy(&v, &b, sizeof(T));
-  return v;
-}
-
 // Publish this lane's value, wait for the warp, read with `pick`, wait again so the
 // slots can be reused by the next intrinsic.
 template <typename F>
@@ -189,17 +182,8 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   });
 }
 
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
-  ::rl_emu::require_full(mask);
-  const int src = ::rl_emu::my_lane() ^ lane_mask;
-  return ::rl_emu::from_bits<T>(
-      ::rl_emu::exchange(::rl_emu::to_bits(value), [src](const uint64_t* slot) { return slot[src]; }));
-}
-
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
-inline float __int_as_float(int v) { return ::rl_emu::from_bits<float>(static_cast<uint32_t>(v)); }
 
 inline int atomicAdd(int* address, int value) {
   ::rl_emu::record(address, sizeof(int), false);

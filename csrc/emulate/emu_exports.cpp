@@ -8,27 +8,9 @@
 #define RL_EMULATE 1
 #endif
 
-#include "../decode.cu"
 #include "../group_rows.cu"
 
 extern "C" {
-
-int64_t rl_emu_decode_part_numel(int64_t N, int64_t h, int64_t K, int64_t r, int64_t splits, int params) {
-  return routedlora::decode_part_numel(N, h, K, r, splits, params != 0);
-}
-
-int64_t rl_emu_decode_splits(int64_t N, int64_t h, int64_t dh, int sm_count) {
-  return routedlora::decode_splits(N, h, dh, sm_count);
-}
-
-int rl_emu_decode_forward(int dtype, const void* x, const void* A, const void* B, const int64_t* idx, const float* w,
-                          const int64_t* route_ids, const void* base, void* y, float* saved, float* part, int64_t N,
-                          int64_t h, int64_t m, int64_t dh, int64_t r, int64_t oh, int64_t R, int64_t K,
-                          int64_t splits, int params, float scale) {
-  return static_cast<int>(routedlora::launch_decode_forward(static_cast<routedlora::DType>(dtype), x, A, B, idx, w,
-                                                            route_ids, base, y, saved, part, N, h, m, dh, r, oh, R,
-                                                            K, splits, params != 0, scale, nullptr));
-}
 
 // Global-memory accesses of the launches between rl_emu_count(1) and rl_emu_count(0):
 // rl_emu_count_size() triples (address, bytes, is_store), copied out by rl_emu_count_copy.
