@@ -9,6 +9,7 @@ this checks the compiler. Run it in a process where triton was imported without
 ``TRITON_INTERPRET=1`` (the interpreter rewires triton's own library functions).
 """
 import argparse
+import concurrent.futures
 import itertools
 import os
 import sys
@@ -155,6 +156,8 @@ def variants(K):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1), help="compiler processes (default: the usable cores)")
     p.add_argument("--resources", metavar="SPECS_JSON",
                    help="instead: registers, spills, shared memory and occupancy of the launch variants in this "
                         "JSON list (sm_90), printed as a JSON list")
@@ -169,22 +172,34 @@ def main(argv=None) -> int:
             specs = json.load(f)
         print(json.dumps([resources(spec) for spec in specs]))
         return 0
+    jobs = [(arch, i) for arch in args.arch for i in range(len(_all_variants()))]
+    failed = 0
+    # one process per core: ~100 variants per architecture, each a few seconds of ptxas
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs)))) as pool:
+        for (arch, i), (seconds, status) in zip(jobs, pool.map(_compile_one, jobs)):
+            failed += status != "ok"
+            print(f"sm_{arch}  {_all_variants()[i][0]:48s} {seconds:5.1f}s  {status}", flush=True)
+    print(f"{failed} failed" if failed else "all kernels compiled")
+    return 1 if failed else 0
+
+
+def _all_variants() -> list:
     from routedlora.triton_kernels import routed_lora as K
     from routedlora.triton_kernels import routing as RK
 
-    failed = 0
-    for arch in args.arch:
-        for label, fn, ptrs, floats, consts, int_type in itertools.chain(variants(K), router_variants(RK)):
-            t0 = time.time()
-            try:
-                _compile(fn, ptrs, floats, consts, arch, int_type)
-                status = "ok"
-            except Exception as e:  # report every failure, not only the first
-                failed += 1
-                status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"
-            print(f"sm_{arch}  {label:48s} {time.time() - t0:5.1f}s  {status}", flush=True)
-    print(f"{failed} failed" if failed else "all kernels compiled")
-    return 1 if failed else 0
+    return list(itertools.chain(variants(K), router_variants(RK)))
+
+
+def _compile_one(job) -> tuple:
+    arch, i = job
+    _, fn, ptrs, floats, consts, int_type = _all_variants()[i]
+    t0 = time.time()
+    try:
+        _compile(fn, ptrs, floats, consts, arch, int_type)
+        status = "ok"
+    except Exception as e:  # report every failure, not only the first
+        status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"
+    return time.time() - t0, status
 
 
 if __name__ == "__main__":
