@@ -223,6 +223,8 @@ def test_grouped_program_orders_compute_the_same(group):
             runs.append([y] + list(torch.autograd.grad(y.square().sum(), leaves)))
     for name, a, b in zip(["y", "dx", "dA", "dB", "dlogits"], *runs):
         assert torch.equal(a, b), name
+    if group != 3:  # against torch once: the orders are equal bitwise
+        return
     with triton_backend.tile_override(dict(triton_backend._INTERPRETER_TILES, GROUP=group)):
         compare(N=70, d=24, o=42, r=3, h=2, m=4, R=6, combine="params", kind="poly", dtype=torch.float32,
                 base_kind="linear")
