@@ -382,8 +382,13 @@ def _expand_order(N: int, h: int, oh: int, b: dict, linear, group: int) -> Optio
     X, WT, _ = linear
     BN, din = b["BLOCK_N"], X.shape[1]
     tiles = tuple(min(BN, N - t0) * din * X.element_size() for t0 in range(0, N, BN))
-    cols = tuple(din * wo * WT.element_size() for _ in range(h) for wo in _blocks_of(oh, b["BLOCK_O"]))
+    cols = _weight_panels(din, WT.element_size(), h, oh, b["BLOCK_O"])
     return TileOrder(len(tiles), len(cols), group, {"X": tiles}, {"WT": cols})
+
+
+def _weight_panels(din: int, ew: int, h: int, oh: int, BO: int) -> Tuple[int, ...]:
+    """Bytes of the base weight's panel under each (head, column block) of the expand, in grid order."""
+    return tuple(din * wo * ew for _ in range(h) for wo in _blocks_of(oh, BO))
 
 
 def _expand_group(N: int, h: int, oh: int, skill_bytes: int, b: dict, linear, device) -> int:
@@ -403,8 +408,7 @@ def _best_group(tiles: int, BN: int, din: int, ex: int, ew: int, h: int, oh: int
                 sms: int) -> int:
     # keyed on the token tiles rounded up to a power of two: a batch of a new length costs a
     # dictionary lookup, not a simulation (the best group barely moves within a factor of two)
-    cols = tuple(din * wo * ew for _ in range(h) for wo in _blocks_of(oh, BO))
-    return best_group(tiles, (BN * din * ex,) * tiles, cols, l2, sms, resident)
+    return best_group(tiles, (BN * din * ex,) * tiles, _weight_panels(din, ew, h, oh, BO), l2, sms, resident)
 
 
 def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None, u_out=None):
