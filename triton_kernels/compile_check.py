@@ -10,6 +10,7 @@ this checks the compiler. Run it in a process where triton was imported without
 """
 import argparse
 import concurrent.futures
+import functools
 import itertools
 import os
 import sys
@@ -172,18 +173,21 @@ def main(argv=None) -> int:
             specs = json.load(f)
         print(json.dumps([resources(spec) for spec in specs]))
         return 0
-    jobs = [(arch, i) for arch in args.arch for i in range(len(_all_variants()))]
+    labels = [v[0] for v in _all_variants()]
+    jobs = [(arch, i) for arch in args.arch for i in range(len(labels))]
     failed = 0
     # one process per core: ~100 variants per architecture, each a few seconds of ptxas
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs)))) as pool:
         for (arch, i), (seconds, status) in zip(jobs, pool.map(_compile_one, jobs)):
             failed += status != "ok"
-            print(f"sm_{arch}  {_all_variants()[i][0]:48s} {seconds:5.1f}s  {status}", flush=True)
+            print(f"sm_{arch}  {labels[i]:48s} {seconds:5.1f}s  {status}", flush=True)
     print(f"{failed} failed" if failed else "all kernels compiled")
     return 1 if failed else 0
 
 
+@functools.lru_cache(maxsize=None)
 def _all_variants() -> list:
+    """Every variant, once per process (the workers index into it)."""
     from routedlora.triton_kernels import routed_lora as K
     from routedlora.triton_kernels import routing as RK
 

@@ -37,7 +37,6 @@ from . import triton_backend
 # the single-block grouping kernel walks N / 1024 chunks in 32 warp turns each: past this
 # the torch sort (multi-block radix sort) is assumed faster (a guess until measured on a GPU)
 GROUP_MAX_TOKENS = 4096
-SUPPORTED_DTYPES = triton_backend.SUPPORTED_DTYPES  # every forward and backward is a Triton kernel
 
 _kernels = None  # torch.ops.routedlora_cuda once built, or a stand-in set by use_kernels()
 _stand_in = False
@@ -103,9 +102,7 @@ def grouping(rows):
 
 
 def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False, linear=None):
-    # checked here so that the error names the backend the caller chose
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: backend='cuda' takes float16, bfloat16 or float32, got {x.dtype}")
+    triton_backend._check_dtype(x, "cuda")  # the error names the backend the caller chose
     return triton_backend.forward(x, A, B, idx, w, rows, scale, combine, base, linear=linear)
 
 

@@ -393,14 +393,15 @@ def _weight_panels(din: int, ew: int, h: int, oh: int, BO: int) -> Tuple[int, ..
 
 def _expand_group(N: int, h: int, oh: int, skill_bytes: int, b: dict, linear, device) -> int:
     """Token tiles per group of the fused expand's program order: the one reading the least from
-    HBM on this GPU's L2 (``tile_order.best_group``); 1 without a base linear."""
+    HBM on this GPU's L2 (``tile_order.best_group``), the skills (``skill_bytes``, every program
+    re-reads them) resident beside the streamed tiles; 1 without a base linear."""
     if linear is None:
         return 1
     X, WT, _ = linear
     l2, sms = _gpu_cache(device)
     tiles = triton_cdiv(N, b["BLOCK_N"])
     return _best_group(1 << max(tiles - 1, 0).bit_length(), b["BLOCK_N"], X.shape[1], X.element_size(),
-                       WT.element_size(), h, oh, b["BLOCK_O"], h * skill_bytes * oh, l2, sms)
+                       WT.element_size(), h, oh, b["BLOCK_O"], skill_bytes, l2, sms)
 
 
 @functools.lru_cache(maxsize=512)
@@ -425,7 +426,7 @@ def _expand(U, M, idx, w, order, srows, K, scale, mix, y, base=None, linear=None
         return y
     b = _blocks(N, oh, r, _tiles(N, _interpret()), U.device)
     grid = _expand_grid(N, h, oh, b)
-    b.setdefault("GROUP", _expand_group(N, h, oh, m * r * M.element_size(), b, linear, U.device))
+    b.setdefault("GROUP", _expand_group(N, h, oh, M.numel() * M.element_size(), b, linear, U.device))
     su = (U.stride(1), 0, U.stride(2)) if mix else U.stride()[1:]
     sb = (base.stride(0), base.stride(1)) if base is not None else (0, 0)
     st = (u_out.stride(0), u_out.stride(1) if u_out.dim() == 3 else 0) if u_out is not None else (0, 0)
@@ -949,9 +950,9 @@ def grouping(rows):
     return rows.grouping()
 
 
-def _check_dtype(x):
+def _check_dtype(x, backend: str = "triton"):
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: backend='triton' takes float16, bfloat16 or float32, got {x.dtype}")
+        raise TypeError(f"x: backend='{backend}' takes float16, bfloat16 or float32, got {x.dtype}")
 
 
 def forward(x, A, B, idx, w, rows, scale, combine, base=None, inplace=False, linear=None):
